@@ -1,0 +1,198 @@
+package localapi
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// SystemSocket is where the system agent listens.
+const SystemSocket = "/run/cloudprotect/cloudprotectd.sock"
+
+// UserSocket returns where a user-mode agent listens:
+// $XDG_RUNTIME_DIR/cloudprotect/cloudprotectd.sock, or a per-uid folder
+// under the temporary directory when XDG_RUNTIME_DIR is unset.
+func UserSocket() string {
+	dir := os.Getenv("XDG_RUNTIME_DIR")
+	if dir == "" {
+		dir = filepath.Join(os.TempDir(), fmt.Sprintf("cloudprotect-%d", os.Getuid()))
+	}
+	return filepath.Join(dir, "cloudprotect", "cloudprotectd.sock")
+}
+
+// DefaultSocket picks the socket a client talks to: $CLOUDPROTECT_SOCKET,
+// else the system socket if it exists, else the user socket.
+func DefaultSocket() string {
+	if s := os.Getenv("CLOUDPROTECT_SOCKET"); s != "" {
+		return s
+	}
+	if _, err := os.Stat(SystemSocket); err == nil {
+		return SystemSocket
+	}
+	return UserSocket()
+}
+
+// ErrUnreachable is wrapped by every error that means no agent answered on
+// the socket.
+var ErrUnreachable = errors.New("agent unreachable")
+
+// APIError is an error answer from the agent.
+type APIError struct {
+	StatusCode int
+	Message    string
+	Hint       string
+}
+
+func (e *APIError) Error() string { return e.Message }
+
+// Client talks to the agent over its unix socket.
+type Client struct {
+	socket string
+	http   *http.Client
+}
+
+// NewClient returns a client for the agent listening on socket.
+func NewClient(socket string) *Client {
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
+		},
+		MaxIdleConns:    2,
+		IdleConnTimeout: 30 * time.Second,
+	}
+	return &Client{socket: socket, http: &http.Client{Transport: tr}}
+}
+
+// Socket returns the socket path the client talks to.
+func (c *Client) Socket() string { return c.socket }
+
+// Close releases idle connections.
+func (c *Client) Close() { c.http.CloseIdleConnections() }
+
+// Status returns the agent's status as seen by the caller.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var s Status
+	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
+	return s, err
+}
+
+// Statement returns the Security Network Statement the agent ships.
+func (c *Client) Statement(ctx context.Context) (Statement, error) {
+	var s Statement
+	err := c.do(ctx, http.MethodGet, "/v1/statement", nil, &s)
+	return s, err
+}
+
+// SetParticipation asks the agent to participate or leave, and returns the
+// status after the change.
+func (c *Client) SetParticipation(ctx context.Context, req ParticipationRequest) (Status, error) {
+	var s Status
+	err := c.do(ctx, http.MethodPut, "/v1/participation", req, &s)
+	return s, err
+}
+
+// Queue returns exactly what the next upload would send.
+func (c *Client) Queue(ctx context.Context) (QueuePreview, error) {
+	var q QueuePreview
+	err := c.do(ctx, http.MethodGet, "/v1/queue", nil, &q)
+	return q, err
+}
+
+// Upload asks the agent to send pending statistics now.
+func (c *Client) Upload(ctx context.Context) (UploadResult, error) {
+	var r UploadResult
+	err := c.do(ctx, http.MethodPost, "/v1/upload", struct{}{}, &r)
+	return r, err
+}
+
+// Events follows GET /v1/events and calls fn for each event until the
+// stream ends, ctx is cancelled or fn returns an error. The first event is
+// the current status. It returns an error wrapping ErrUnreachable when the
+// agent could not be reached or went away.
+func (c *Client) Events(ctx context.Context, fn func(Event) error) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/v1/events", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("%w: %v", ErrUnreachable, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return decodeError(resp)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		var ev Event
+		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+			return fmt.Errorf("decode event: %w", err)
+		}
+		if err := fn(ev); err != nil {
+			return err
+		}
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("%w: event stream: %v", ErrUnreachable, err)
+	}
+	return fmt.Errorf("%w: event stream closed", ErrUnreachable)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://agent"+path, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return decodeError(resp)
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(out); err != nil {
+		return fmt.Errorf("decode %s answer: %w", path, err)
+	}
+	return nil
+}
+
+func decodeError(resp *http.Response) error {
+	var e Error
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if json.Unmarshal(b, &e) != nil || e.Error == "" {
+		e.Error = fmt.Sprintf("agent answered %s", resp.Status)
+	}
+	return &APIError{StatusCode: resp.StatusCode, Message: e.Error, Hint: e.Hint}
+}

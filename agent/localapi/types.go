@@ -1,0 +1,150 @@
+package localapi
+
+import (
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/server/wire"
+)
+
+// Status is the answer to GET /v1/status and the payload of "status" events.
+type Status struct {
+	Participation Participation `json:"participation"`
+	Agent         AgentInfo     `json:"agent"`
+	Queue         QueueInfo     `json:"queue"`
+	Upload        UploadInfo    `json:"upload"`
+	// CanChange reports whether the caller who asked may change
+	// participation (root, the admin group, or the owner in user mode).
+	CanChange bool `json:"can_change"`
+}
+
+// Participation is the consent part of the status.
+type Participation struct {
+	// State is "undecided", "participating" or "declined".
+	State string `json:"state"`
+	// StatementVersion is the version of the statement this agent ships.
+	StatementVersion int `json:"statement_version"`
+	// AcceptedVersion is the statement version the person accepted (0 if none).
+	AcceptedVersion int `json:"accepted_version"`
+	// Paused is true when the person participates but accepted an older
+	// statement: nothing is collected until they accept the current one.
+	Paused bool `json:"paused"`
+	// Collecting is true when exec sources run and statistics are queued.
+	Collecting bool `json:"collecting"`
+	// Locked is true when the administrator's policy forces the state.
+	Locked bool `json:"locked"`
+	// Policy is the policy file's path when Locked, or when it failed to load.
+	Policy string `json:"policy,omitempty"`
+	// PolicyError says why the policy file was ignored, if it was.
+	PolicyError string `json:"policy_error,omitempty"`
+	// Via is how the current state was chosen: install, cli, tray, policy.
+	Via string `json:"via,omitempty"`
+	// Since is when the current state was chosen.
+	Since *time.Time `json:"since,omitempty"`
+	// Notice tells the person about something that happened to their
+	// consent record (for example a corrupt state file set aside).
+	Notice string `json:"notice,omitempty"`
+}
+
+// AgentInfo describes the running agent.
+type AgentInfo struct {
+	Version string `json:"version"`
+	// Mode is "system" or "user".
+	Mode string `json:"mode"`
+	// ExecSource is the exec source in use ("fanotify", ...), or "" while
+	// nothing is collected.
+	ExecSource string `json:"exec_source"`
+	// Limited is true when the agent sees less than it should, and
+	// LimitedReason says why.
+	Limited       bool      `json:"limited"`
+	LimitedReason string    `json:"limited_reason,omitempty"`
+	Started       time.Time `json:"started"`
+	EventsSeen    uint64    `json:"events_seen"`
+	EventsLost    uint64    `json:"events_lost"`
+}
+
+// QueueInfo describes the local statistics queue.
+type QueueInfo struct {
+	// Pending is the number of records waiting to be sent.
+	Pending int `json:"pending"`
+	// Records is the number of records kept (pending or sent).
+	Records int `json:"records"`
+	// Evicted counts records dropped because the queue was full.
+	Evicted uint64 `json:"evicted"`
+	// Bytes is the size of the queue on disk.
+	Bytes int64 `json:"bytes"`
+}
+
+// UploadInfo describes the connection to the Security Network cloud.
+type UploadInfo struct {
+	Server         string     `json:"server"`
+	Registered     bool       `json:"registered"`
+	LastUpload     *time.Time `json:"last_upload,omitempty"`
+	LastError      string     `json:"last_error,omitempty"`
+	NextAttempt    *time.Time `json:"next_attempt,omitempty"`
+	RecordsSent    uint64     `json:"records_sent"`
+	BatchesDropped uint64     `json:"batches_dropped"`
+	// DeletionPending is true while a deletion request waits for the
+	// server's confirmation.
+	DeletionPending bool `json:"deletion_pending"`
+}
+
+// Statement is the answer to GET /v1/statement.
+type Statement struct {
+	Version int    `json:"version"`
+	Title   string `json:"title"`
+	Summary string `json:"summary"`
+	Text    string `json:"text"`
+}
+
+// ParticipationRequest is the body of PUT /v1/participation.
+type ParticipationRequest struct {
+	Participate bool `json:"participate"`
+	// StatementVersion is the version of the statement the person was
+	// shown; required to participate.
+	StatementVersion int `json:"statement_version"`
+	// Via is "cli", "tray" or "install".
+	Via string `json:"via"`
+}
+
+// QueuePreview is the answer to GET /v1/queue: exactly the batch the next
+// upload would send, built by the code that builds the upload.
+type QueuePreview struct {
+	Pending int        `json:"pending"`
+	Batch   wire.Batch `json:"batch"`
+}
+
+// UploadResult is the answer to POST /v1/upload.
+type UploadResult struct {
+	Sent    int    `json:"sent"`
+	Pending int    `json:"pending"`
+	Message string `json:"message"`
+}
+
+// Event types on GET /v1/events.
+const (
+	EventStatus = "status"
+	EventAlert  = "alert"
+)
+
+// Event is one line of the GET /v1/events stream (newline-delimited JSON).
+// The first event on a new stream is always the current status.
+type Event struct {
+	Type   string    `json:"type"`
+	Time   time.Time `json:"time"`
+	Status *Status   `json:"status,omitempty"`
+	Alert  *Alert    `json:"alert,omitempty"`
+}
+
+// Alert is a reputation verdict the person should know about.
+type Alert struct {
+	SHA256  string `json:"sha256"`
+	Path    string `json:"path"`    // anonymised path of the program
+	Program string `json:"program"` // base name, for the notification
+	Verdict string `json:"verdict"` // "malicious" or "untrusted"
+}
+
+// Error is the body of every error answer.
+type Error struct {
+	Error string `json:"error"`
+	Hint  string `json:"hint,omitempty"`
+}
