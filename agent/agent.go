@@ -1,0 +1,247 @@
+// Package agent is cloudprotectd: it wires consent, the exec sources, file
+// identification, the statistics queue, the uploader, reputation lookups
+// and the local API under one supervisor, and makes sure nothing is
+// collected, queued or sent unless the person agreed.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
+)
+
+// Version is the agent's version, set at build time.
+var Version = "0.1.0-dev"
+
+// Modes the agent runs in.
+const (
+	ModeSystem = "system"
+	ModeUser   = "user"
+)
+
+// DefaultServer is the Security Network the agent talks to when neither a
+// flag nor the policy names one: the reference cloud that `make run`
+// starts on loopback.
+const DefaultServer = "http://127.0.0.1:8787"
+
+// Config is what cloudprotectd's flags set.
+type Config struct {
+	// Mode is ModeSystem (root, machine-wide) or ModeUser.
+	Mode string
+	// StateDir holds the consent record, the queue and the upload state.
+	StateDir string
+	// Socket is the local API's unix socket.
+	Socket string
+	// PolicyPath is the administrator's policy file.
+	PolicyPath string
+	// Server is the Security Network's URL; the policy's wins.
+	Server string
+	// ExecSource forces an exec source by name ("" picks the best).
+	ExecSource string
+	// StatementVersion overrides the shipped statement version (tests).
+	StatementVersion int
+	Logger           *slog.Logger
+}
+
+// DefaultConfig returns the configuration for mode: system paths for
+// ModeSystem, XDG paths of the current user for ModeUser.
+func DefaultConfig(mode string) Config {
+	c := Config{Mode: mode, PolicyPath: consent.DefaultPolicyPath, Server: DefaultServer}
+	if mode == ModeSystem {
+		c.StateDir = "/var/lib/cloudprotect"
+		c.Socket = localapi.SystemSocket
+		return c
+	}
+	state := os.Getenv("XDG_STATE_HOME")
+	if state == "" {
+		home, _ := os.UserHomeDir()
+		state = filepath.Join(home, ".local", "state")
+	}
+	c.StateDir = filepath.Join(state, "cloudprotect")
+	c.Socket = localapi.UserSocket()
+	return c
+}
+
+// Agent is a running cloudprotectd.
+type Agent struct {
+	cfg     Config
+	log     *slog.Logger
+	consent *consent.Manager
+	ln      net.Listener
+	api     *localapi.Server
+	hub     *localapi.Hub
+	started time.Time
+
+	mu sync.Mutex // protects the fields below
+	// source and sourceLimited describe the exec source while collecting.
+	source        string
+	limited       bool
+	limitedReason string
+}
+
+// New prepares an agent: it opens the state folder and the consent record
+// and takes the socket. It fails when another agent serves the socket.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Mode != ModeSystem && cfg.Mode != ModeUser {
+		return nil, fmt.Errorf("unknown mode %q", cfg.Mode)
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state folder: %w", err)
+	}
+	// The socket first: a second agent must not touch the first one's state.
+	ln, err := localapi.Listen(cfg.Socket, cfg.Mode == ModeSystem)
+	if err != nil {
+		return nil, err
+	}
+	cm, err := consent.Open(consent.Options{
+		StatePath:        filepath.Join(cfg.StateDir, "consent.json"),
+		PolicyPath:       cfg.PolicyPath,
+		StatementVersion: cfg.StatementVersion,
+		Logger:           cfg.Logger,
+	})
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	a := &Agent{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		consent: cm,
+		ln:      ln,
+		hub:     localapi.NewHub(),
+		started: time.Now().UTC(),
+	}
+	auth := localapi.OwnerOnly(os.Getuid())
+	if cfg.Mode == ModeSystem {
+		auth = localapi.RootOrGroup(func() string { return a.consent.View().AdminGroup })
+	}
+	a.api = localapi.NewServer(ln, a, auth, cfg.Logger)
+	return a, nil
+}
+
+// Run runs the agent until ctx is cancelled (a clean stop returns nil) or
+// a component fails fatally.
+func (a *Agent) Run(ctx context.Context) error {
+	defer a.ln.Close()
+	a.log.Info("agent started", "version", Version, "mode", a.cfg.Mode, "socket", a.cfg.Socket,
+		"state_dir", a.cfg.StateDir, "participation", a.consent.View().State)
+	err := supervise(ctx, a.log,
+		service{"localapi", func(ctx context.Context) error {
+			if err := a.api.Serve(ctx); ctx.Err() == nil {
+				return Fatal("local API", err)
+			}
+			return ctx.Err()
+		}},
+		service{"policy", a.consent.WatchPolicy},
+		service{"status", a.publishStatus},
+	)
+	a.log.Info("agent stopped")
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// publishStatus sends a status event whenever something the status shows
+// changes.
+func (a *Agent) publishStatus(ctx context.Context) error {
+	changed, cancel := a.consent.Subscribe()
+	defer cancel()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-changed:
+			st := a.Status()
+			a.hub.Publish(localapi.Event{Type: localapi.EventStatus, Time: time.Now().UTC(), Status: &st})
+		}
+	}
+}
+
+// Status implements localapi.Backend.
+func (a *Agent) Status() localapi.Status {
+	v := a.consent.View()
+	st := localapi.Status{
+		Participation: localapi.Participation{
+			State:            string(v.State),
+			StatementVersion: v.StatementVersion,
+			AcceptedVersion:  v.AcceptedVersion,
+			Paused:           v.Paused,
+			Collecting:       v.Collecting,
+			Locked:           v.Locked,
+			Policy:           v.Policy,
+			PolicyError:      v.PolicyError,
+			Via:              string(v.Via),
+			Notice:           v.Notice,
+		},
+		Agent: localapi.AgentInfo{
+			Version: Version,
+			Mode:    a.cfg.Mode,
+			Started: a.started,
+		},
+		Upload: localapi.UploadInfo{Server: a.server()},
+	}
+	if !v.Since.IsZero() {
+		since := v.Since
+		st.Participation.Since = &since
+	}
+	a.mu.Lock()
+	if v.Collecting {
+		st.Agent.ExecSource = a.source
+		st.Agent.Limited, st.Agent.LimitedReason = a.limited, a.limitedReason
+	}
+	a.mu.Unlock()
+	return st
+}
+
+// server returns the Security Network's URL: the policy's, else the flag's.
+func (a *Agent) server() string {
+	if s := a.consent.View().Server; s != "" {
+		return s
+	}
+	return a.cfg.Server
+}
+
+// SetParticipation implements localapi.Backend.
+func (a *Agent) SetParticipation(req localapi.ParticipationRequest, uid int) (localapi.Status, error) {
+	via, err := consent.ParseVia(req.Via)
+	if err != nil {
+		return localapi.Status{}, &localapi.HTTPError{Code: http.StatusBadRequest, Msg: err.Error(),
+			Hint: `send "via": "cli", "tray" or "install"`}
+	}
+	if _, err := a.consent.Set(req.Participate, req.StatementVersion, via, uid); err != nil {
+		return localapi.Status{}, err
+	}
+	return a.Status(), nil
+}
+
+// QueuePreview implements localapi.Backend.
+func (a *Agent) QueuePreview(ctx context.Context) (localapi.QueuePreview, error) {
+	return localapi.QueuePreview{}, nil
+}
+
+// Upload implements localapi.Backend.
+func (a *Agent) Upload(ctx context.Context) (localapi.UploadResult, error) {
+	if !a.consent.View().Collecting {
+		return localapi.UploadResult{}, &localapi.HTTPError{Code: http.StatusConflict,
+			Msg:  "not participating in the Security Network: nothing is collected or sent",
+			Hint: "run `cloudprotect participate` to take part"}
+	}
+	return localapi.UploadResult{Message: "nothing to send"}, nil
+}
+
+// Events implements localapi.Backend.
+func (a *Agent) Events() *localapi.Hub { return a.hub }

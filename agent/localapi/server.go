@@ -1,0 +1,303 @@
+package localapi
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/consent"
+)
+
+// maxBody bounds request bodies; the largest legitimate one is a few dozen bytes.
+const maxBody = 16 << 10
+
+// Backend is what the local API serves. The agent implements it.
+type Backend interface {
+	// Status returns the status; the server fills in CanChange per caller.
+	Status() Status
+	// SetParticipation applies a decision made by uid.
+	SetParticipation(req ParticipationRequest, uid int) (Status, error)
+	// QueuePreview returns exactly what the next upload would send.
+	QueuePreview(ctx context.Context) (QueuePreview, error)
+	// Upload sends pending statistics now.
+	Upload(ctx context.Context) (UploadResult, error)
+	// Events returns the hub status and alert events are published on.
+	Events() *Hub
+}
+
+// HTTPError is an error a Backend returns to choose the answer's status
+// code and hint.
+type HTTPError struct {
+	Code int
+	Msg  string
+	Hint string
+}
+
+func (e *HTTPError) Error() string { return e.Msg }
+
+// Server serves the local API on a unix socket.
+type Server struct {
+	backend   Backend
+	canChange Authorizer
+	log       *slog.Logger
+	ln        net.Listener
+}
+
+// ErrAlreadyRunning is returned by Listen when another agent answers on
+// the socket.
+var ErrAlreadyRunning = errors.New("another agent is already serving this socket")
+
+// Listen opens the socket at path, refusing when another agent answers on
+// it and replacing a stale socket file left by one that died. world says
+// whether every local user may connect (system mode) or only the owner.
+func Listen(path string, world bool) (net.Listener, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("listen on %s: %w", path, ErrAlreadyRunning)
+	}
+	dirMode := os.FileMode(0o700)
+	if world {
+		dirMode = 0o755
+	}
+	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("listen on %s: a file that is not a socket is in the way", path)
+		}
+		os.Remove(path)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	mode := os.FileMode(0o600)
+	if world {
+		mode = 0o666
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// NewServer returns a server for backend on ln. canChange decides who may
+// change participation; a nil logger discards.
+func NewServer(ln net.Listener, backend Backend, canChange Authorizer, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{backend: backend, canChange: canChange, log: log, ln: ln}
+}
+
+// Handler returns the API's HTTP handler.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/status", s.status)
+	mux.HandleFunc("GET /v1/statement", s.statement)
+	mux.HandleFunc("PUT /v1/participation", s.participation)
+	mux.HandleFunc("GET /v1/queue", s.queue)
+	mux.HandleFunc("POST /v1/upload", s.upload)
+	mux.HandleFunc("GET /v1/events", s.events)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s %s", r.Method, r.URL.Path),
+			"the API has GET /v1/status, /v1/statement, /v1/queue, /v1/events, PUT /v1/participation and POST /v1/upload")
+	})
+	return mux
+}
+
+// Serve answers requests until ctx is cancelled, then closes the socket,
+// ends open event streams and returns ctx.Err().
+func (s *Server) Serve(ctx context.Context) error {
+	srv := &http.Server{
+		Handler:           s.Handler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ConnContext:       connCred,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(s.ln) }()
+	select {
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(sctx); err != nil {
+			srv.Close()
+		}
+		<-errc
+		return ctx.Err()
+	case err := <-errc:
+		return fmt.Errorf("serve local API: %w", err)
+	}
+}
+
+func (s *Server) caller(r *http.Request) (Cred, bool) { return CredFrom(r.Context()) }
+
+func (s *Server) statusFor(r *http.Request, st Status) Status {
+	c, ok := s.caller(r)
+	st.CanChange = ok && s.canChange(c)
+	return st
+}
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.statusFor(r, s.backend.Status()))
+}
+
+func (s *Server) statement(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, Statement{
+		Version: consent.StatementVersion,
+		Title:   consent.StatementTitle,
+		Summary: consent.StatementSummary,
+		Text:    consent.Statement(),
+	})
+}
+
+func (s *Server) participation(w http.ResponseWriter, r *http.Request) {
+	c, ok := s.caller(r)
+	if !ok {
+		writeError(w, http.StatusForbidden, "the caller's identity is unknown", "connect over the agent's unix socket")
+		return
+	}
+	if !s.canChange(c) {
+		s.log.Warn("participation change refused", "uid", c.UID, "pid", c.PID)
+		writeError(w, http.StatusForbidden,
+			fmt.Sprintf("user %d may not change participation on this computer", c.UID),
+			"run the command as root (sudo) or as a member of the administrators' group")
+		return
+	}
+	var req ParticipationRequest
+	if !decodeBody(w, r, &req) {
+		return
+	}
+	st, err := s.backend.SetParticipation(req, int(c.UID))
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, s.statusFor(r, st))
+}
+
+func (s *Server) queue(w http.ResponseWriter, r *http.Request) {
+	q, err := s.backend.QueuePreview(r.Context())
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, q)
+}
+
+func (s *Server) upload(w http.ResponseWriter, r *http.Request) {
+	res, err := s.backend.Upload(r.Context())
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
+}
+
+// events streams newline-delimited JSON: the current status first, then
+// every status change and alert as it happens. No polling, no timers.
+func (s *Server) events(w http.ResponseWriter, r *http.Request) {
+	ch, cancel := s.backend.Events().Subscribe()
+	defer cancel()
+	rc := http.NewResponseController(w)
+	// The stream lives as long as the client wants; only writes have a deadline.
+	rc.SetReadDeadline(time.Time{})
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.Header().Set("Cache-Control", "no-store")
+	enc := json.NewEncoder(w)
+	send := func(ev Event) bool {
+		if ev.Status != nil {
+			st := s.statusFor(r, *ev.Status)
+			ev.Status = &st
+		}
+		// A reader that takes too long for one event is dropped.
+		rc.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		if err := enc.Encode(ev); err != nil {
+			return false
+		}
+		return rc.Flush() == nil
+	}
+	st := s.backend.Status()
+	if !send(Event{Type: EventStatus, Time: time.Now().UTC(), Status: &st}) {
+		return
+	}
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case ev, ok := <-ch:
+			if !ok || !send(ev) {
+				return
+			}
+		}
+	}
+}
+
+func decodeBody(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeError(w, http.StatusRequestEntityTooLarge,
+				fmt.Sprintf("request body larger than %d bytes", maxBody), "send a small JSON object")
+			return false
+		}
+		writeError(w, http.StatusBadRequest, "malformed request body: "+err.Error(),
+			`send JSON such as {"participate": true, "statement_version": 1, "via": "cli"}`)
+		return false
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		writeError(w, http.StatusBadRequest, "malformed request body: extra data after the JSON object", "send one JSON object")
+		return false
+	}
+	return true
+}
+
+func writeBackendError(w http.ResponseWriter, err error) {
+	var he *HTTPError
+	var le *consent.LockedError
+	var ve *consent.VersionError
+	switch {
+	case errors.As(err, &he):
+		writeError(w, he.Code, he.Msg, he.Hint)
+	case errors.As(err, &le):
+		writeError(w, http.StatusForbidden, le.Error(),
+			"participation is managed by your organisation; ask your administrator to change "+le.Policy)
+	case errors.As(err, &ve):
+		writeError(w, http.StatusConflict, ve.Error(),
+			fmt.Sprintf("read the current statement (cloudprotect statement) and agree to version %d", ve.Current))
+	case errors.Is(err, consent.ErrSave):
+		writeError(w, http.StatusInternalServerError, err.Error(),
+			"the agent could not save the choice; check free space and permissions of its state folder")
+	default:
+		writeError(w, http.StatusInternalServerError, err.Error(), "see the agent's log (journalctl -u cloudprotectd)")
+	}
+}
+
+func writeError(w http.ResponseWriter, code int, msg, hint string) {
+	writeJSON(w, code, Error{Error: msg, Hint: hint})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
