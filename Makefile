@@ -1,0 +1,49 @@
+# cloudprotect — see README.md. `make run` starts the product, `make test` tests it.
+
+GO       ?= go
+BIN      := bin
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X github.com/cloudprotect/cloudprotect/agent.Version=$(VERSION)
+COMMANDS := cloudprotectd cloudprotect cloudprotect-tray cloudprotect-server
+PREFIX   ?= /usr/local
+FUZZTIME ?= 10s
+
+.PHONY: all build test bench lint run install fuzz clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ $(addprefix ./cmd/,$(COMMANDS))
+
+# vet, then every test with the race detector. Tests that need root, a
+# D-Bus session bus or PostgreSQL skip with a message on a laptop and fail
+# under CI=true (see .ci/run, which provides them).
+test:
+	$(GO) vet ./...
+	$(GO) test -race -timeout 25m ./...
+
+# Benchmarks, compared side by side in one run; figures go to docs/BENCHMARKS.md.
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -timeout 30m ./...
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+	@if command -v staticcheck >/dev/null; then staticcheck ./...; else echo "staticcheck not installed: go install honnef.co/go/tools/cmd/staticcheck@latest"; fi
+
+# The agent (user mode), the local reference cloud and, in a desktop
+# session, the tray: all from this checkout, nothing installed.
+run: build
+	@bash dist/dev/run.sh $(BIN)
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(addprefix $(BIN)/,$(COMMANDS)) $(DESTDIR)$(PREFIX)/bin/
+
+# Every fuzz target for FUZZTIME each.
+fuzz:
+	@bash dist/dev/fuzz.sh $(FUZZTIME)
+
+clean:
+	rm -rf $(BIN) .run
