@@ -94,37 +94,70 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 	}
 	s.log.Info("watching executions", "filesystems", len(marked))
 
-	d := &deliverer{out: out, max: s.maxPending, c: &s.c, log: s.log}
+	self := os.Getpid()
+	return serveFanotify(ctx, w, out, fanLoop{
+		fd:      fd,
+		mountFD: mfd,
+		onMounts: func() {
+			n := s.mark(fd, marked)
+			s.log.Debug("mounts changed", "filesystems", n)
+		},
+		parse: func(b []byte, now time.Time, d *deliverer) {
+			parseFanotify(b, self, now, d, s.log)
+		},
+		window:     s.window,
+		maxPending: s.maxPending,
+		c:          &s.c,
+		log:        s.log,
+	})
+}
+
+// fanLoop is what the read loop of a fanotify group needs.
+type fanLoop struct {
+	fd         int
+	mountFD    int    // -1: no mount watching
+	onMounts   func() // called when the mount table changed
+	parse      func(b []byte, now time.Time, d *deliverer)
+	window     time.Duration
+	maxPending int
+	c          *counters
+	log        *slog.Logger
+}
+
+// serveFanotify waits for events, lets them gather for the batch window,
+// reads them all and hands them over, until the waker fires.
+func serveFanotify(ctx context.Context, w *waker, out chan<- []Event, l fanLoop) error {
+	d := &deliverer{out: out, max: l.maxPending, c: l.c, log: l.log}
 	defer d.discard()
 	fds := []unix.PollFd{
-		{Fd: int32(fd), Events: unix.POLLIN},
-		{Fd: int32(mfd), Events: unix.POLLPRI},
 		{Fd: int32(w.fd), Events: unix.POLLIN},
+		{Fd: int32(l.fd), Events: unix.POLLIN},
+	}
+	if l.mountFD >= 0 {
+		fds = append(fds, unix.PollFd{Fd: int32(l.mountFD), Events: unix.POLLPRI})
 	}
 	buf := make([]byte, readBufSize)
-	self := os.Getpid()
 	for {
 		timeout := time.Duration(-1)
 		if d.hasPending() {
-			timeout = retryDelay(s.window)
+			timeout = retryDelay(l.window)
 		}
 		if _, err := pollFor(fds, timeout); err != nil {
 			return err
 		}
-		if fds[2].Revents != 0 {
+		if fds[0].Revents != 0 {
 			return ctx.Err()
 		}
-		if fds[1].Revents&(unix.POLLPRI|unix.POLLERR) != 0 {
-			n := s.mark(fd, marked)
-			s.log.Debug("mounts changed", "filesystems", n)
+		if len(fds) > 2 && fds[2].Revents&(unix.POLLPRI|unix.POLLERR) != 0 {
+			l.onMounts()
 		}
-		if fds[0].Revents != 0 {
-			if cancelled, err := sleepUnlessCancelled(w, s.window); err != nil {
+		if fds[1].Revents != 0 {
+			if cancelled, err := sleepUnlessCancelled(w, l.window); err != nil {
 				return err
 			} else if cancelled {
 				return ctx.Err()
 			}
-			s.drain(fd, buf, self, d)
+			drainFanotify(l, buf, d)
 		}
 		d.flush()
 	}
@@ -168,11 +201,11 @@ func (s *Fanotify) mark(fd int, marked map[string]string) int {
 	return len(marked)
 }
 
-// drain reads the fanotify queue until it is empty.
-func (s *Fanotify) drain(fd int, buf []byte, self int, d *deliverer) {
+// drainFanotify reads the fanotify queue until it is empty.
+func drainFanotify(l fanLoop, buf []byte, d *deliverer) {
 	now := time.Now()
 	for {
-		n, err := unix.Read(fd, buf)
+		n, err := unix.Read(l.fd, buf)
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -181,13 +214,13 @@ func (s *Fanotify) drain(fd int, buf []byte, self int, d *deliverer) {
 		case err != nil:
 			// The kernel could not open the file (EMFILE, ENFILE, …) and
 			// dropped that event.
-			s.c.lost.Add(1)
-			s.log.Warn("cannot read exec event", "err", err)
+			l.c.lost.Add(1)
+			l.log.Warn("cannot read exec event", "err", err)
 			return
 		case n == 0:
 			return
 		}
-		parseFanotify(buf[:n], self, now, d, s.log)
+		l.parse(buf[:n], now, d)
 	}
 }
 

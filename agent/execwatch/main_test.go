@@ -17,6 +17,7 @@ import (
 
 func TestMain(m *testing.M) {
 	spawn.MaybeChild()
+	maybeUnprivilegedChild()
 	goleak.VerifyTestMain(m)
 }
 
