@@ -215,7 +215,9 @@ func TestParseFanotifyDFID(t *testing.T) {
 	event := func(mask uint64, pid int, fsid [2]int32, htype int32, handle []byte, name string) []byte {
 		rec := make([]byte, fidInfoHeaderLen)
 		rec[0] = unix.FAN_EVENT_INFO_TYPE_DFID_NAME
-		binary := func(off int, v uint32) { rec[off], rec[off+1], rec[off+2], rec[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24) }
+		binary := func(off int, v uint32) {
+			rec[off], rec[off+1], rec[off+2], rec[off+3] = byte(v), byte(v>>8), byte(v>>16), byte(v>>24)
+		}
 		binary(4, uint32(fsid[0]))
 		binary(8, uint32(fsid[1]))
 		binary(12, uint32(len(handle)))
@@ -284,7 +286,7 @@ func TestProgramDirs(t *testing.T) {
 	}
 	tests := []struct {
 		name, path, home string
-		want            []string
+		want             []string
 	}{
 		{"home bin", "", home, []string{local}},
 		{"relative and missing entries skipped", "relative:" + filepath.Join(home, "missing"), "", nil},
