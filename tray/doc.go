@@ -1,0 +1,11 @@
+// Package tray is cloudprotect's status icon: a thin client of the agent's
+// local API that shows cloud protection status at a glance, lets the person
+// participate in the Security Network or leave it after a Yes/No
+// confirmation, tells them by desktop notification when something changed,
+// and starts at login.
+//
+// The menu model (Build) is a pure function of what the agent reports; the
+// App loop follows the agent's event stream and turns clicks into agent
+// calls; the systray layer in systray.go is the only code that imports
+// fyne.io/systray.
+package tray
