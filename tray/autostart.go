@@ -56,6 +56,9 @@ func (a Autostart) UserFile() string {
 
 // Enabled reports whether the session will start the tray at login.
 func (a Autostart) Enabled() (bool, error) {
+	if a.ConfigHome == "" {
+		return false, errors.New("read autostart entry: no configuration folder")
+	}
 	on, found, err := readEntry(a.UserFile())
 	if err != nil || found {
 		return on, err
