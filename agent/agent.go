@@ -14,10 +14,14 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/queue"
+	"github.com/cloudprotect/cloudprotect/server/wire"
 )
 
 // Version is the agent's version, set at build time.
@@ -48,6 +52,9 @@ type Config struct {
 	Server string
 	// ExecSource forces an exec source by name ("" picks the best).
 	ExecSource string
+	// LoadDirs replaces the folders watched for programs that arrive
+	// (by default the download folder and ~/.local/bin of each person).
+	LoadDirs []string
 	// StatementVersion overrides the shipped statement version (tests).
 	StatementVersion int
 	Logger           *slog.Logger
@@ -82,9 +89,25 @@ type Agent struct {
 	hub     *localapi.Hub
 	started time.Time
 
+	queue *queue.Queue
+	ident *identify.Identifier
+	anon  *identify.Anonymizer
+	gate  gate
+	// dirty wakes the status publisher; one slot, never blocks.
+	dirty chan struct{}
+	// settle asks the collector to report once it applied consent.
+	settle chan chan struct{}
+
+	identifyFailed atomic.Uint64
+
+	deferredMu sync.Mutex // protects deferred
+	// deferred holds the events waiting for a large file's hash, by
+	// anonymised path.
+	deferred map[string]*deferredCounts
+
 	mu sync.Mutex // protects the fields below
-	// source and sourceLimited describe the exec source while collecting.
-	source        string
+	// running is the collection while the person participates.
+	running       *collection
 	limited       bool
 	limitedReason string
 }
@@ -116,14 +139,25 @@ func New(cfg Config) (*Agent, error) {
 		ln.Close()
 		return nil, err
 	}
-	a := &Agent{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		consent: cm,
-		ln:      ln,
-		hub:     localapi.NewHub(),
-		started: time.Now().UTC(),
+	q, err := queue.Open(filepath.Join(cfg.StateDir, "queue.db"), queue.Options{Logger: cfg.Logger})
+	if err != nil {
+		ln.Close()
+		return nil, err
 	}
+	a := &Agent{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		consent:  cm,
+		ln:       ln,
+		hub:      localapi.NewHub(),
+		started:  time.Now().UTC(),
+		queue:    q,
+		anon:     identify.SystemAnonymizer(),
+		dirty:    make(chan struct{}, 1),
+		settle:   make(chan chan struct{}),
+		deferred: make(map[string]*deferredCounts),
+	}
+	a.ident = identify.New(identify.Options{Anonymizer: a.anon, Logger: cfg.Logger, OnDeferred: a.deferredDone})
 	auth := localapi.OwnerOnly(os.Getuid())
 	if cfg.Mode == ModeSystem {
 		auth = localapi.RootOrGroup(func() string { return a.consent.View().AdminGroup })
@@ -136,6 +170,7 @@ func New(cfg Config) (*Agent, error) {
 // a component fails fatally.
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.ln.Close()
+	defer a.queue.Close()
 	a.log.Info("agent started", "version", Version, "mode", a.cfg.Mode, "socket", a.cfg.Socket,
 		"state_dir", a.cfg.StateDir, "participation", a.consent.View().State)
 	err := supervise(ctx, a.log,
@@ -147,6 +182,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		}},
 		service{"policy", a.consent.WatchPolicy},
 		service{"status", a.publishStatus},
+		service{"queue", a.queue.Serve},
+		service{"identify", a.ident.Serve},
+		service{"collect", a.collect},
 	)
 	a.log.Info("agent stopped")
 	if errors.Is(err, context.Canceled) {
@@ -155,8 +193,20 @@ func (a *Agent) Run(ctx context.Context) error {
 	return err
 }
 
+// statusMinGap spaces status events while events stream in, so a storm of
+// executions costs the tray a few updates a second, not one per exec.
+const statusMinGap = 250 * time.Millisecond
+
+// statusChanged tells the publisher the status may have changed.
+func (a *Agent) statusChanged() {
+	select {
+	case a.dirty <- struct{}{}:
+	default:
+	}
+}
+
 // publishStatus sends a status event whenever something the status shows
-// changes.
+// changes, at most one per statusMinGap. It sleeps while nothing changes.
 func (a *Agent) publishStatus(ctx context.Context) error {
 	changed, cancel := a.consent.Subscribe()
 	defer cancel()
@@ -165,11 +215,30 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-changed:
+		case <-a.dirty:
+		}
+		if a.hub.Len() > 0 {
 			st := a.Status()
 			a.hub.Publish(localapi.Event{Type: localapi.EventStatus, Time: time.Now().UTC(), Status: &st})
 		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(statusMinGap):
+		}
 	}
 }
+
+// afterBatch runs after events were queued.
+func (a *Agent) afterBatch() {
+	a.statusChanged()
+}
+
+// newHash is called for every identified file.
+func (a *Agent) newHash(f identify.Facts) {}
+
+// onForget runs when the person is not participating.
+func (a *Agent) onForget() {}
 
 // Status implements localapi.Backend.
 func (a *Agent) Status() localapi.Status {
@@ -198,9 +267,15 @@ func (a *Agent) Status() localapi.Status {
 		since := v.Since
 		st.Participation.Since = &since
 	}
+	qs := a.queue.Stats()
+	st.Queue = localapi.QueueInfo{Pending: qs.Pending, Records: qs.Records, Evicted: qs.Evicted, Bytes: qs.Bytes}
 	a.mu.Lock()
 	if v.Collecting {
-		st.Agent.ExecSource = a.source
+		if a.running != nil {
+			st.Agent.ExecSource = a.running.source.Name()
+			s1, s2 := a.running.source.Stats(), a.running.loaded.Stats()
+			st.Agent.EventsSeen, st.Agent.EventsLost = s1.Events+s2.Events, s1.Lost+s2.Lost
+		}
 		st.Agent.Limited, st.Agent.LimitedReason = a.limited, a.limitedReason
 	}
 	a.mu.Unlock()
@@ -225,12 +300,22 @@ func (a *Agent) SetParticipation(req localapi.ParticipationRequest, uid int) (lo
 	if _, err := a.consent.Set(req.Participate, req.StatementVersion, via, uid); err != nil {
 		return localapi.Status{}, err
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	a.settled(ctx)
 	return a.Status(), nil
 }
 
 // QueuePreview implements localapi.Backend.
 func (a *Agent) QueuePreview(ctx context.Context) (localapi.QueuePreview, error) {
-	return localapi.QueuePreview{}, nil
+	recs, err := a.queue.Pending(wire.MaxBatchRecords)
+	if err != nil {
+		return localapi.QueuePreview{}, err
+	}
+	return localapi.QueuePreview{
+		Pending: a.queue.Stats().Pending,
+		Batch:   wire.Batch{StatementVersion: a.consent.View().AcceptedVersion, Records: recs},
+	}, nil
 }
 
 // Upload implements localapi.Backend.

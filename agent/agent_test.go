@@ -70,6 +70,11 @@ type testAgent struct {
 // fresh folder that every local user can traverse.
 func startAgent(t *testing.T, mode string, policy string) *testAgent {
 	t.Helper()
+	return startAgentWith(t, mode, policy, nil)
+}
+
+func startAgentWith(t *testing.T, mode string, policy string, edit func(*Config)) *testAgent {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "cloudprotect-agent-test-")
 	if err != nil {
 		t.Fatal(err)
@@ -85,6 +90,9 @@ func startAgent(t *testing.T, mode string, policy string) *testAgent {
 		Socket:     filepath.Join(dir, "run", "cloudprotectd.sock"),
 		PolicyPath: filepath.Join(dir, "policy.json"),
 		Server:     "http://127.0.0.1:1",
+	}
+	if edit != nil {
+		edit(&cfg)
 	}
 	a, err := New(cfg)
 	if err != nil {
