@@ -1,0 +1,372 @@
+package store_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/cloudprotect/cloudprotect/server/store"
+	"github.com/cloudprotect/cloudprotect/server/store/storetest"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+var t0 = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+
+func hash(n int) string {
+	return fmt.Sprintf("%x", sha256.Sum256([]byte(fmt.Sprint(n))))
+}
+
+func tokenHash(s string) []byte {
+	h := sha256.Sum256([]byte(s))
+	return h[:]
+}
+
+func stat(n int, execs int64, first, last time.Time) store.Stat {
+	return store.Stat{SHA256: hash(n), Size: 1000 + int64(n), Kind: "elf", ExecCount: execs, FirstSeen: first, LastSeen: last}
+}
+
+func register(t *testing.T, s store.Store, id string) {
+	t.Helper()
+	if err := s.Register(context.Background(), id, tokenHash("token-"+id), t0); err != nil {
+		t.Fatalf("register %s: %v", id, err)
+	}
+}
+
+func TestAuthenticate(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		s := storetest.New(t, b)
+		register(t, s, "a")
+		id, err := s.Authenticate(ctx, tokenHash("token-a"))
+		if err != nil || id != "a" {
+			t.Fatalf("Authenticate(token-a) = %q, %v; want a", id, err)
+		}
+		if _, err := s.Authenticate(ctx, tokenHash("nope")); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("Authenticate(nope) error = %v; want ErrNotFound", err)
+		}
+		if err := s.Register(ctx, "b", tokenHash("token-a"), t0); err == nil {
+			t.Fatal("second installation with the same token hash was accepted")
+		}
+		if ok, err := s.InstallationExists(ctx, "a"); !ok || err != nil {
+			t.Fatalf("InstallationExists(a) = %v, %v", ok, err)
+		}
+		if err := s.Ping(ctx); err != nil {
+			t.Fatalf("Ping: %v", err)
+		}
+	})
+}
+
+func TestIngestAggregates(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		s := storetest.New(t, b)
+		register(t, s, "a")
+		register(t, s, "b")
+		h1 := t0.Add(time.Hour)
+		h2 := t0.Add(2 * time.Hour)
+
+		first := []store.Stat{stat(1, 3, t0, h1), stat(2, 1, h1, h1)}
+		second := []store.Stat{stat(1, 2, t0.Add(-time.Hour), t0), stat(2, 0, h2, h2)}
+		second[1].Loaded = true
+		second[1].Malformed = true
+		for i, batch := range [][]store.Stat{first, second} {
+			dup, err := s.Ingest(ctx, "a", fmt.Sprintf("batch-%d", i), batch, t0)
+			if err != nil || dup {
+				t.Fatalf("Ingest batch %d = %v, %v", i, dup, err)
+			}
+		}
+		if _, err := s.Ingest(ctx, "b", "batch-0", []store.Stat{stat(1, 7, h2, h2)}, t0); err != nil {
+			t.Fatalf("Ingest b: %v", err)
+		}
+
+		got, err := s.Stats(ctx, "a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []store.Stat{
+			{SHA256: hash(1), Size: 1001, Kind: "elf", ExecCount: 5, FirstSeen: t0.Add(-time.Hour), LastSeen: h1},
+			{SHA256: hash(2), Size: 1002, Kind: "elf", ExecCount: 1, Loaded: true, Malformed: true, FirstSeen: h1, LastSeen: h2},
+		}
+		if want[0].SHA256 > want[1].SHA256 {
+			want[0], want[1] = want[1], want[0]
+		}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("Stats(a) =\n%v\nwant\n%v", got, want)
+		}
+
+		infos, err := s.Lookup(ctx, []string{hash(1), hash(2), hash(3), hash(1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantInfo := []store.FileInfo{
+			{SHA256: hash(1), Prevalence: 2, FirstSeen: t0.Add(-time.Hour)},
+			{SHA256: hash(2), Prevalence: 1, FirstSeen: h1, Malformed: true},
+			{SHA256: hash(3)},
+			{SHA256: hash(1), Prevalence: 2, FirstSeen: t0.Add(-time.Hour)},
+		}
+		if fmt.Sprint(infos) != fmt.Sprint(wantInfo) {
+			t.Errorf("Lookup =\n%v\nwant\n%v", infos, wantInfo)
+		}
+	})
+}
+
+func TestIngestDuplicateBatch(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		s := storetest.New(t, b)
+		register(t, s, "a")
+		register(t, s, "b")
+		batch := []store.Stat{stat(1, 4, t0, t0)}
+		for i, tc := range []struct {
+			id, batch string
+			wantDup   bool
+		}{
+			{"a", "x", false},
+			{"a", "x", true},
+			{"b", "x", false}, // batch IDs are per installation
+			{"a", "y", false},
+		} {
+			dup, err := s.Ingest(ctx, tc.id, tc.batch, batch, t0)
+			if err != nil || dup != tc.wantDup {
+				t.Fatalf("step %d: Ingest(%s, %s) = %v, %v; want %v", i, tc.id, tc.batch, dup, err, tc.wantDup)
+			}
+		}
+		got, err := s.Stats(ctx, "a")
+		if err != nil || len(got) != 1 || got[0].ExecCount != 8 {
+			t.Fatalf("Stats(a) = %v, %v; want one record with 8 executions", got, err)
+		}
+		if _, err := s.Ingest(ctx, "nobody", "z", batch, t0); !errors.Is(err, store.ErrUnknownInstallation) {
+			t.Fatalf("Ingest for unknown installation: error = %v; want ErrUnknownInstallation", err)
+		}
+	})
+}
+
+// TestIngestConcurrentDuplicates posts one batch many times at once
+// through two stores on one database (two server processes): it counts
+// once.
+func TestIngestConcurrentDuplicates(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		dsn := b.NewDSN(t)
+		s1, s2 := storetest.Open(t, dsn), storetest.Open(t, dsn)
+		register(t, s1, "a")
+		var batch []store.Stat
+		for i := range 200 {
+			batch = append(batch, stat(i, 1, t0, t0))
+		}
+		const tries = 8
+		var (
+			wg       sync.WaitGroup
+			mu       sync.Mutex // protects accepted and errs
+			accepted int
+			errs     []error
+		)
+		for i := range tries {
+			s := s1
+			if i%2 == 1 {
+				s = s2
+			}
+			wg.Go(func() {
+				dup, err := s.Ingest(ctx, "a", "same", batch, t0)
+				mu.Lock()
+				defer mu.Unlock()
+				if err != nil {
+					errs = append(errs, err)
+				} else if !dup {
+					accepted++
+				}
+			})
+		}
+		wg.Wait()
+		if len(errs) > 0 || accepted != 1 {
+			t.Fatalf("accepted %d of %d identical batches, errors %v; want 1 and none", accepted, tries, errs)
+		}
+		got, err := s2.Stats(ctx, "a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, st := range got {
+			if st.ExecCount != 1 {
+				t.Fatalf("%s counted %d times; want 1", st.SHA256, st.ExecCount)
+			}
+		}
+		if len(got) != len(batch) {
+			t.Fatalf("stored %d records; want %d", len(got), len(batch))
+		}
+	})
+}
+
+func TestDeleteInstallation(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		s := storetest.New(t, b)
+		register(t, s, "gone")
+		register(t, s, "stays")
+		for _, id := range []string{"gone", "stays"} {
+			if _, err := s.Ingest(ctx, id, "b1", []store.Stat{stat(1, 1, t0, t0), stat(2, 1, t0, t0)}, t0); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.ImportLists(ctx, map[string][]string{store.ListTrusted: {hash(1)}}, false); err != nil {
+			t.Fatal(err)
+		}
+		before, err := s.Residue(ctx, "gone", tokenHash("token-gone"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, table := range []string{"installations", "batches", "stats"} {
+			if before[table] == 0 {
+				t.Errorf("before deletion, Residue finds nothing in %s: the audit would miss rows", table)
+			}
+		}
+
+		existed, err := s.DeleteInstallation(ctx, "gone")
+		if err != nil || !existed {
+			t.Fatalf("DeleteInstallation = %v, %v; want true", existed, err)
+		}
+		after, err := s.Residue(ctx, "gone", tokenHash("token-gone"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(after) < 5 {
+			t.Errorf("Residue looked at %d tables; want every table (at least 5)", len(after))
+		}
+		for table, n := range after {
+			if n != 0 {
+				t.Errorf("after deletion, %s holds %d rows naming the installation", table, n)
+			}
+		}
+		infos, err := s.Lookup(ctx, []string{hash(1)})
+		if err != nil || infos[0].Prevalence != 1 || !infos[0].Trusted {
+			t.Errorf("Lookup after deletion = %+v, %v; want prevalence 1 and the list kept", infos, err)
+		}
+		if got, _ := s.Stats(ctx, "stays"); len(got) != 2 {
+			t.Errorf("the other installation lost records: %v", got)
+		}
+		existed, err = s.DeleteInstallation(ctx, "gone")
+		if err != nil || existed {
+			t.Fatalf("second DeleteInstallation = %v, %v; want false, nil", existed, err)
+		}
+		if _, err := s.Authenticate(ctx, tokenHash("token-gone")); !errors.Is(err, store.ErrNotFound) {
+			t.Fatalf("token still authenticates after deletion: %v", err)
+		}
+		if _, err := s.Ingest(ctx, "gone", "b2", []store.Stat{stat(1, 1, t0, t0)}, t0); !errors.Is(err, store.ErrUnknownInstallation) {
+			t.Fatalf("Ingest after deletion: error = %v; want ErrUnknownInstallation", err)
+		}
+	})
+}
+
+func TestImportLists(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		s := storetest.New(t, b)
+		steps := []struct {
+			name    string
+			lists   map[string][]string
+			replace bool
+			wantErr bool
+			want    string // flags per hash 1..3: t, u, m or -
+		}{
+			{name: "add", lists: map[string][]string{store.ListTrusted: {hash(1), hash(2), hash(2)}, store.ListMalicious: {hash(2)}}, want: "t tm -"},
+			{name: "add more", lists: map[string][]string{store.ListUntrusted: {hash(3)}}, want: "t tm u"},
+			{name: "replace trusted", lists: map[string][]string{store.ListTrusted: {hash(3)}}, replace: true, want: "- m tu"},
+			{name: "unknown list", lists: map[string][]string{"greylist": {hash(1)}}, wantErr: true, want: "- m tu"},
+		}
+		for _, step := range steps {
+			err := s.ImportLists(ctx, step.lists, step.replace)
+			if (err != nil) != step.wantErr {
+				t.Fatalf("%s: ImportLists error = %v; want error %v", step.name, err, step.wantErr)
+			}
+			infos, err := s.Lookup(ctx, []string{hash(1), hash(2), hash(3)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, in := range infos {
+				f := ""
+				if in.Trusted {
+					f += "t"
+				}
+				if in.Untrusted {
+					f += "u"
+				}
+				if in.Malicious {
+					f += "m"
+				}
+				if f == "" {
+					f = "-"
+				}
+				got = append(got, f)
+			}
+			if g := strings.Join(got, " "); g != step.want {
+				t.Errorf("%s: lists = %q; want %q", step.name, g, step.want)
+			}
+		}
+	})
+}
+
+// TestOpenConcurrently starts several stores on one fresh database at
+// once: the migrations run once and every store opens.
+func TestOpenConcurrently(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		dsn := b.NewDSN(t)
+		var wg sync.WaitGroup
+		errs := make([]error, 4)
+		stores := make([]store.Store, 4)
+		for i := range stores {
+			wg.Go(func() {
+				stores[i], errs[i] = store.Open(context.Background(), dsn, nil)
+			})
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Errorf("store %d: %v", i, err)
+				continue
+			}
+			stores[i].Close()
+		}
+	})
+}
+
+func TestOpenRejects(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ name, dsn, want string }{
+		{"unknown scheme", "mysql://x", "unknown database"},
+		{"memory", "sqlite::memory:", "file path"},
+		{"empty path", "sqlite:", "file path"},
+		{"password hidden", "ftp://u:secret@h", "u:xxxxx@h"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := store.Open(context.Background(), tc.dsn, nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "secret") {
+				t.Fatalf("Open(%q) error = %v; want it to mention %q", tc.dsn, err, tc.want)
+			}
+		})
+	}
+}
