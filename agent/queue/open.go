@@ -1,0 +1,306 @@
+package queue
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+)
+
+// errDamaged marks a file Open moves aside.
+var errDamaged = errors.New("queue file damaged")
+
+// Open opens (or creates) the queue at path. A damaged file is moved aside
+// and replaced by an empty queue, with a warning; see Queue for what is
+// checked and repaired. Open fails only when the file cannot be used at
+// all: its directory is missing or unwritable, or another process holds
+// it.
+func Open(path string, opts Options) (*Queue, error) {
+	opts.setDefaults()
+	q := &Queue{
+		path: path,
+		opts: opts,
+		log:  opts.Logger.With("queue", path),
+		buf:  make(map[[32]byte]delta),
+		kick: make(chan struct{}, 1),
+	}
+	err := q.open()
+	if errors.Is(err, errDamaged) {
+		aside := path + ".corrupt-" + opts.Clock().UTC().Format("20060102T150405.000000000Z")
+		if rerr := os.Rename(path, aside); rerr != nil {
+			return nil, fmt.Errorf("open queue: move damaged file aside: %w", rerr)
+		}
+		q.log.Warn("queue file was damaged: moved aside, starting with an empty queue; the statistics it held are not sent",
+			"reason", err, "moved_to", aside)
+		err = q.open()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open queue: %w", err)
+	}
+	return q, nil
+}
+
+// open opens the file, checks it, repairs what can be repaired in place
+// and loads the index. It returns an error wrapping errDamaged when the
+// file must be moved aside.
+func (q *Queue) open() (err error) {
+	if _, serr := os.Stat(filepath.Dir(q.path)); serr != nil {
+		return serr
+	}
+	var db *bolt.DB
+	// A damaged file can make bbolt panic, or fault on a page past the end
+	// of a truncated file; both become errors here.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			if db != nil {
+				db.Close()
+			}
+			err = fmt.Errorf("%w: %v", errDamaged, r)
+		}
+	}()
+	db, err = bolt.Open(q.path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		if errors.Is(err, berrors.ErrTimeout) {
+			return fmt.Errorf("%s is in use by another process: %w", q.path, err)
+		}
+		if errors.Is(err, fs.ErrPermission) || errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		return fmt.Errorf("%w: %w", errDamaged, err)
+	}
+	if err := q.check(db); err != nil {
+		db.Close()
+		return err
+	}
+	q.db = db
+	return nil
+}
+
+// check validates and repairs an open file and loads the index.
+func (q *Queue) check(db *bolt.DB) error {
+	err := db.View(func(tx *bolt.Tx) error {
+		var checkErr error
+		for cerr := range tx.Check() { // drain: the check runs on its own goroutine
+			if checkErr == nil {
+				checkErr = cerr
+			}
+		}
+		if checkErr != nil {
+			return fmt.Errorf("%w: %w", errDamaged, checkErr)
+		}
+		if tx.Bucket(bucketMeta) == nil && (tx.Bucket(bucketRecords) != nil || tx.Bucket(bucketInflight) != nil) {
+			return fmt.Errorf("%w: meta bucket missing", errDamaged)
+		}
+		if m := tx.Bucket(bucketMeta); m != nil {
+			if v := string(m.Get(keyVersion)); v != schemaVersion {
+				return fmt.Errorf("%w: schema version %q, this agent reads %q", errDamaged, v, schemaVersion)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	return db.Update(func(tx *bolt.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		fresh := m == nil
+		if fresh {
+			var err error
+			if m, err = tx.CreateBucket(bucketMeta); err != nil {
+				return fmt.Errorf("create meta bucket: %w", err)
+			}
+			if err := m.Put(keyVersion, []byte(schemaVersion)); err != nil {
+				return fmt.Errorf("store schema version: %w", err)
+			}
+		}
+		q.salt = append([]byte(nil), m.Get(keySalt)...)
+		if len(q.salt) != 16 {
+			q.salt = newSalt()
+			if err := m.Put(keySalt, q.salt); err != nil {
+				return fmt.Errorf("store salt: %w", err)
+			}
+		}
+		q.evicted.Store(getCounter(m, keyEvicted))
+		q.dropped.Store(getCounter(m, keyDropped))
+		for _, name := range [][]byte{bucketRecords, bucketInflight} {
+			if tx.Bucket(name) == nil {
+				if _, err := tx.CreateBucket(name); err != nil {
+					return fmt.Errorf("create %s bucket: %w", name, err)
+				}
+				if !fresh {
+					q.log.Warn("queue bucket was missing and is recreated empty", "bucket", string(name))
+				}
+			}
+		}
+		// Delete records that do not decode.
+		recs := tx.Bucket(bucketRecords)
+		var bad [][]byte
+		recs.ForEach(func(k, v []byte) error {
+			if len(k) != 32 || v == nil {
+				bad = append(bad, append([]byte(nil), k...))
+				return nil
+			}
+			if _, err := decodeRecord(k, v); err != nil {
+				bad = append(bad, append([]byte(nil), k...))
+			}
+			return nil
+		})
+		for _, k := range bad {
+			if recs.Bucket(k) != nil {
+				if err := recs.DeleteBucket(k); err != nil {
+					return fmt.Errorf("delete damaged record: %w", err)
+				}
+			} else if err := recs.Delete(k); err != nil {
+				return fmt.Errorf("delete damaged record: %w", err)
+			}
+		}
+		if len(bad) > 0 {
+			q.log.Warn("queue records were damaged and are deleted", "count", len(bad))
+		}
+		if err := q.loadIndex(tx); err != nil {
+			return err
+		}
+		// The batch in flight.
+		in := tx.Bucket(bucketInflight)
+		q.inflight = nil
+		if v := in.Get(keyBatch); v != nil {
+			var b Batch
+			if err := json.Unmarshal(v, &b); err != nil || b.ID == "" {
+				q.log.Warn("queue batch in flight was damaged and is discarded; its records stay pending", "err", err)
+				return in.Delete(keyBatch)
+			}
+			q.setInflight(&b)
+		}
+		return nil
+	})
+}
+
+// loadIndex rebuilds the in-memory index and counters from the file.
+func (q *Queue) loadIndex(tx *bolt.Tx) error {
+	q.index = make(map[[32]byte]indexEntry)
+	q.nRecords.Store(0)
+	q.nPending.Store(0)
+	q.nBytes.Store(0)
+	err := tx.Bucket(bucketRecords).ForEach(func(k, v []byte) error {
+		h, err := decodeHeader(v)
+		if err != nil || len(k) != 32 {
+			return nil // left for Open's repair
+		}
+		q.setIndex([32]byte(k), indexEntry{}, false, indexEntry{last: h.last, bytes: int32(len(k) + len(v)), pending: h.pending()})
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("load queue index: %w", err)
+	}
+	if q.inflight != nil {
+		q.setInflight(q.inflight)
+	}
+	return nil
+}
+
+func getCounter(m *bolt.Bucket, key []byte) uint64 {
+	if v := m.Get(key); len(v) == 8 {
+		return binary.BigEndian.Uint64(v)
+	}
+	return 0
+}
+
+func putCounter(tx *bolt.Tx, key []byte, n uint64) error {
+	if err := tx.Bucket(bucketMeta).Put(key, binary.BigEndian.AppendUint64(nil, n)); err != nil {
+		return fmt.Errorf("store %s counter: %w", key, err)
+	}
+	return nil
+}
+
+// Purge deletes every record, the batch in flight and the buffer, and
+// makes sure their bytes are gone from the file system as far as a
+// program can: bbolt keeps freed pages, so deleting records would leave
+// their bytes in the file. Instead the file is overwritten with zeros,
+// fsynced and removed, and a fresh empty queue is created in its place.
+// Files moved aside by Open are wiped the same way. Counters restart from
+// zero.
+func (q *Queue) Purge() error {
+	q.flushMu.Lock()
+	defer q.flushMu.Unlock()
+	if q.db == nil {
+		return ErrClosed
+	}
+	q.mu.Lock()
+	clear(q.buf)
+	q.mu.Unlock()
+	if err := q.db.Close(); err != nil {
+		q.log.Warn("close queue before purge", "err", err)
+	}
+	q.db = nil
+	q.inflight = nil
+	var errs []error
+	aside, _ := filepath.Glob(q.path + ".corrupt-*")
+	for _, p := range append([]string{q.path}, aside...) {
+		if err := wipe(p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := syncDir(filepath.Dir(q.path)); err != nil {
+		errs = append(errs, err)
+	}
+	q.evicted.Store(0)
+	q.dropped.Store(0)
+	if err := q.open(); err != nil {
+		errs = append(errs, fmt.Errorf("reopen queue: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("purge queue: %w", err)
+	}
+	return nil
+}
+
+// wipe overwrites path with zeros, fsyncs it and removes it.
+func wipe(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("wipe %s: %w", path, err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("wipe %s: %w", path, err)
+	}
+	zeros := make([]byte, 1<<20)
+	for off := int64(0); off < st.Size(); off += int64(len(zeros)) {
+		n := min(int64(len(zeros)), st.Size()-off)
+		if _, err := f.WriteAt(zeros[:n], off); err != nil {
+			return fmt.Errorf("wipe %s: %w", path, err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("wipe %s: %w", path, err)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("wipe %s: %w", path, err)
+	}
+	return nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	return nil
+}
