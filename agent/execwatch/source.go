@@ -29,6 +29,7 @@ type Event struct {
 
 // Stats counts what a source saw and what it lost.
 type Stats struct {
+	// Events counts events delivered on the out channel.
 	Events uint64 `json:"events"`
 	// Lost counts events the kernel or the source dropped (queue overflow,
 	// ENOBUFS). Where the exact number is unknown, each loss counts one.
@@ -38,6 +39,15 @@ type Stats struct {
 // Source is one way of learning about executed programs. Serve delivers
 // events in batches on out until ctx is cancelled, then releases every
 // kernel resource it holds (no descriptor stays open) and returns ctx.Err().
+//
+// Serve never blocks on out: while the consumer is not taking batches, the
+// source holds a bounded number of events (Options.MaxPending) and drops,
+// closes and counts as lost the rest, so out should have room for a few
+// dozen batches. Batches not delivered when Serve returns are released and
+// counted as lost too. The consumer owns every delivered Event.File and must
+// close it. A source may be served again after Serve returns (consent given
+// again); calling Serve while it is serving is an error. Stats accumulate
+// over every run.
 type Source interface {
 	// Name is what status reports: "fanotify", "fanotify-unprivileged",
 	// "proc-connector" or "proc-poll".
