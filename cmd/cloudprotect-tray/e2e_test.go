@@ -64,6 +64,8 @@ type session struct {
 	bus    *dt.Bus
 	socket string
 	agent  *localapi.Client
+	// agentStop stops the running agent and waits for it.
+	agentStop func()
 }
 
 func newSession(tb testing.TB) *session {
@@ -87,9 +89,15 @@ func (s *session) startAgent() {
 	if err := cmd.Start(); err != nil {
 		s.tb.Fatalf("start agent: %v", err)
 	}
+	var once sync.Once
+	s.agentStop = func() {
+		once.Do(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			cmd.Wait()
+		})
+	}
 	s.tb.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
+		s.agentStop()
 		if s.tb.Failed() {
 			s.tb.Logf("agent log:\n%s", logs.String())
 		}
@@ -456,25 +464,10 @@ func TestAgentLostAndBack(t *testing.T) {
 
 func stopAgent(t *testing.T, s *session) {
 	t.Helper()
-	out, err := exec.Command("pgrep", "-f", "--", "--socket "+s.socket).Output()
-	if err != nil {
-		t.Fatalf("find agent: %v", err)
+	s.agentStop()
+	if _, err := s.agent.Status(context.Background()); err == nil {
+		t.Fatal("the agent still answers after it stopped")
 	}
-	for _, f := range strings.Fields(string(out)) {
-		var pid int
-		fmt.Sscan(f, &pid)
-		if pid > 0 {
-			if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(b)) == "cloudprotectd" {
-				syscall.Kill(pid, syscall.SIGTERM)
-			}
-		}
-	}
-	waitFor(t, "the agent to stop", func() error {
-		if _, err := s.agent.Status(context.Background()); err == nil {
-			return fmt.Errorf("still answering")
-		}
-		return nil
-	})
 }
 
 // TestNoSessionBus: a clear error and a hint, a non-zero exit, no panic.
