@@ -8,7 +8,7 @@ COMMANDS := cloudprotectd cloudprotect cloudprotect-tray cloudprotect-server
 PREFIX   ?= /usr/local
 FUZZTIME ?= 10s
 
-.PHONY: all build test bench lint run install fuzz clean
+.PHONY: all build test bench lint run install fuzz icons clean
 
 all: build
 
@@ -44,6 +44,11 @@ install: build
 # Every fuzz target for FUZZTIME each.
 fuzz:
 	@bash dist/dev/fuzz.sh $(FUZZTIME)
+
+# Redraw the tray icons from icons/src/*.svg (needs rsvg-convert, Debian
+# librsvg2-bin); the results are committed, so a build needs no rasterizer.
+icons:
+	$(GO) run ./icons/internal/gen -dir icons -sheet docs/img/tray-icons.png
 
 clean:
 	rm -rf $(BIN) .run
