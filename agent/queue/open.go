@@ -67,7 +67,9 @@ func (q *Queue) open() (err error) {
 			err = fmt.Errorf("%w: %v", errDamaged, r)
 		}
 	}()
-	db, err = bolt.Open(q.path, 0o600, &bolt.Options{Timeout: time.Second})
+	// The initial mapping covers a full queue (address space, not memory),
+	// so commits do not remap the file as it grows.
+	db, err = bolt.Open(q.path, 0o600, &bolt.Options{Timeout: time.Second, InitialMmapSize: 2 * DefaultMaxBytes})
 	if err != nil {
 		if errors.Is(err, berrors.ErrTimeout) {
 			return fmt.Errorf("%s is in use by another process: %w", q.path, err)
@@ -88,6 +90,12 @@ func (q *Queue) open() (err error) {
 // check validates and repairs an open file and loads the index.
 func (q *Queue) check(db *bolt.DB) error {
 	err := db.View(func(tx *bolt.Tx) error {
+		// bbolt grows the file before a commit refers to new pages, so a
+		// file shorter than its pages was truncated. Checked first: the
+		// consistency check would fault on pages past the end.
+		if st, err := os.Stat(q.path); err == nil && st.Size() < tx.Size() {
+			return fmt.Errorf("%w: file is %d bytes, its pages need %d (truncated)", errDamaged, st.Size(), tx.Size())
+		}
 		var checkErr error
 		for cerr := range tx.Check() { // drain: the check runs on its own goroutine
 			if checkErr == nil {

@@ -72,15 +72,20 @@ func TestOpenDamaged(t *testing.T) {
 				t.Fatal(err)
 			}
 		}, true, "queue file was damaged", 0},
-		{"truncated in the middle", func(t *testing.T, p string) {
-			st, err := os.Stat(p)
-			if err != nil {
+		{"truncated inside its pages", func(t *testing.T, p string) {
+			var used int64
+			editBolt(t, p, func(tx *bolt.Tx) error { used = tx.Size(); return nil })
+			if err := os.Truncate(p, used-4096); err != nil {
 				t.Fatal(err)
 			}
-			if err := os.Truncate(p, st.Size()/2); err != nil {
+		}, true, "(truncated)", 0},
+		{"truncated slack only", func(t *testing.T, p string) {
+			var used int64
+			editBolt(t, p, func(tx *bolt.Tx) error { used = tx.Size(); return nil })
+			if err := os.Truncate(p, used); err != nil {
 				t.Fatal(err)
 			}
-		}, true, "queue file was damaged", 0},
+		}, false, "", 50},
 		{"garbage", func(t *testing.T, p string) {
 			b := make([]byte, 64<<10)
 			r := rand.New(rand.NewPCG(1, 2))
