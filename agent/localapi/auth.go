@@ -4,13 +4,10 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"os/user"
 	"strconv"
 	"strings"
-
-	"golang.org/x/sys/unix"
 )
 
 // Cred is the identity of the process at the other end of the socket, as
@@ -22,26 +19,6 @@ type Cred struct {
 }
 
 type credKey struct{}
-
-// connCred reads the peer's credentials when a connection is accepted.
-func connCred(ctx context.Context, c net.Conn) context.Context {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return ctx
-	}
-	raw, err := uc.SyscallConn()
-	if err != nil {
-		return ctx
-	}
-	var cred *unix.Ucred
-	var cerr error
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil || cerr != nil {
-		return ctx
-	}
-	return context.WithValue(ctx, credKey{}, Cred{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid})
-}
 
 // CredFrom returns the caller's credentials, if the connection had them.
 func CredFrom(ctx context.Context) (Cred, bool) {

@@ -6,8 +6,6 @@ package wire
 
 import (
 	"time"
-
-	"github.com/cloudprotect/cloudprotect/agent/identify"
 )
 
 // Limits both sides enforce.
@@ -51,7 +49,7 @@ type Batch struct {
 // Record is the statistics of one executable, aggregated since the record
 // was last sent. Every field is listed in the Security Network Statement.
 type Record struct {
-	identify.Facts
+	Facts
 	// ExecCount is the number of executions since the record was last sent.
 	ExecCount uint64 `json:"exec_count"`
 	// Loaded reports that the file appeared in a watched download folder.
