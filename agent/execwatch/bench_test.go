@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/execwatch/internal/spawn"
+	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"golang.org/x/sys/unix"
 )
 

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/execwatch/internal/spawn"
+	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 )
