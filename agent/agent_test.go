@@ -18,11 +18,13 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
 )
 
 func TestMain(m *testing.M) {
+	spawn.MaybeChild()
 	// A copy of this binary run as another user acts as a client.
 	if sock := os.Getenv("CLOUDPROTECT_TEST_CLIENT"); sock != "" {
 		os.Exit(clientChild(sock, os.Args[len(os.Args)-1]))
