@@ -72,7 +72,7 @@ func openSQLite(ctx context.Context, path string, log *slog.Logger) (*sqlStore, 
 	q.Add("_pragma", "busy_timeout(10000)")
 	q.Add("_pragma", "journal_mode(WAL)")
 	q.Add("_pragma", "synchronous(NORMAL)")
-	q.Add("_pragma", "foreign_keys(ON)")
+	q.Add("_pragma", "cache_size(-32768)") // KiB: 32 MiB of pages per connection
 	dsn := "file:" + path + "?" + q.Encode()
 	write, err := sql.Open("sqlite", dsn+"&_txlock=immediate")
 	if err != nil {
