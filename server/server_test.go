@@ -540,3 +540,37 @@ func TestRequestLogsHoldNoSecrets(t *testing.T) {
 		}
 	}
 }
+
+// blockingStore holds every Ingest until release is closed.
+type blockingStore struct {
+	store.Store
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s blockingStore) Ingest(ctx context.Context, id, batchID string, stats []store.Stat, now time.Time) (bool, error) {
+	s.entered <- struct{}{}
+	<-s.release
+	return s.Store.Ingest(ctx, id, batchID, stats, now)
+}
+
+func TestIngestBusy(t *testing.T) {
+	t.Parallel()
+	bs := blockingStore{Store: storetest.New(t, storetest.Backends()[0]), entered: make(chan struct{}, 1), release: make(chan struct{})}
+	srv := server.New(server.Config{Store: bs, Now: func() time.Time { return now }, MaxConcurrentIngest: 1})
+	e := newEnvOn(t, bs)
+	e.url = startServer(t, srv)
+	tok := e.register().Token
+	first := make(chan answer, 1)
+	go func() { first <- e.postBatch(tok, batch("b1", record("ls", 1))) }()
+	<-bs.entered
+	a := e.postBatch(tok, batch("b2", record("ls", 1)))
+	if a.status != 503 || a.header.Get("Retry-After") == "" {
+		t.Fatalf("second batch while the only slot is taken: %d %q; want 503 with Retry-After", a.status, a.header.Get("Retry-After"))
+	}
+	a.errBody(t)
+	close(bs.release)
+	if a := <-first; a.status != 200 {
+		t.Fatalf("first batch: %d %s", a.status, a.body)
+	}
+}

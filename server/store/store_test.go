@@ -370,3 +370,45 @@ func TestOpenRejects(t *testing.T) {
 		})
 	}
 }
+
+// TestDeleteRacesIngest deletes installations while their batches are
+// being ingested: whichever commits first, nothing of them remains.
+func TestDeleteRacesIngest(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		dsn := b.NewDSN(t)
+		s1, s2 := storetest.Open(t, dsn), storetest.Open(t, dsn)
+		var batch []store.Stat
+		for i := range 300 {
+			batch = append(batch, stat(i, 1, t0, t0))
+		}
+		for round := range 10 {
+			id := fmt.Sprint("racer", round)
+			register(t, s1, id)
+			var wg sync.WaitGroup
+			var ingestErr, deleteErr error
+			wg.Go(func() {
+				_, ingestErr = s1.Ingest(ctx, id, "b", batch, t0)
+				if errors.Is(ingestErr, store.ErrUnknownInstallation) {
+					ingestErr = nil // deleted first
+				}
+			})
+			wg.Go(func() { _, deleteErr = s2.DeleteInstallation(ctx, id) })
+			wg.Wait()
+			if ingestErr != nil || deleteErr != nil {
+				t.Fatalf("round %d: ingest %v, delete %v", round, ingestErr, deleteErr)
+			}
+			res, err := s1.Residue(ctx, id, tokenHash("token-"+id))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for table, n := range res {
+				if n != 0 {
+					t.Fatalf("round %d: %s holds %d rows of a deleted installation", round, table, n)
+				}
+			}
+		}
+	})
+}
