@@ -1,28 +1,28 @@
 package localapi
 
 import (
-	"context"
 	"net"
 
 	"golang.org/x/sys/unix"
 )
 
-// connCred reads the peer's credentials when a connection is accepted.
-func connCred(ctx context.Context, c net.Conn) context.Context {
+// peerCred reads the credentials of the process at the other end of a
+// unix socket connection.
+func peerCred(c net.Conn) (Cred, bool) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
-		return ctx
+		return Cred{}, false
 	}
 	raw, err := uc.SyscallConn()
 	if err != nil {
-		return ctx
+		return Cred{}, false
 	}
 	var cred *unix.Ucred
 	var cerr error
 	if err := raw.Control(func(fd uintptr) {
 		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
 	}); err != nil || cerr != nil {
-		return ctx
+		return Cred{}, false
 	}
-	return context.WithValue(ctx, credKey{}, Cred{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid})
+	return Cred{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}, true
 }

@@ -2,11 +2,8 @@
 
 package localapi
 
-import (
-	"context"
-	"net"
-)
+import "net"
 
-// connCred knows no caller on systems without SO_PEERCRED: such callers
+// peerCred knows no caller on systems without SO_PEERCRED: such callers
 // may read but never change participation.
-func connCred(ctx context.Context, _ net.Conn) context.Context { return ctx }
+func peerCred(net.Conn) (Cred, bool) { return Cred{}, false }

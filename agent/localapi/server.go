@@ -49,6 +49,7 @@ type Server struct {
 	canChange Authorizer
 	log       *slog.Logger
 	ln        net.Listener
+	lim       *limits
 }
 
 // ErrAlreadyRunning is returned by Listen when another agent answers on
@@ -97,7 +98,7 @@ func NewServer(ln net.Listener, backend Backend, canChange Authorizer, log *slog
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{backend: backend, canChange: canChange, log: log, ln: ln}
+	return &Server{backend: backend, canChange: canChange, log: log, ln: ln, lim: newLimits(MaxConnsPerUser, MaxConns)}
 }
 
 // routes maps each endpoint to its method.
@@ -150,7 +151,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(s.ln) }()
+	go func() { errc <- srv.Serve(&limitListener{Listener: s.ln, lim: s.lim}) }()
 	select {
 	case <-ctx.Done():
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
