@@ -1,0 +1,456 @@
+// Package upload is the agent's side of the Security Network cloud: a
+// hardened HTTP client for the cloud's API (Client) and the Uploader,
+// which registers the installation, sends the statistics queue in
+// compressed batches with patient backoff, and carries deletion requests
+// to the server until it confirms them. Nothing that carries statistics
+// or hashes leaves the machine unless the person participates.
+package upload
+
+import (
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/cloudprotect/cloudprotect/server/wire"
+)
+
+// Defaults of ClientOptions.
+const (
+	DefaultDialTimeout           = 10 * time.Second
+	DefaultTLSHandshakeTimeout   = 10 * time.Second
+	DefaultResponseHeaderTimeout = 30 * time.Second
+	DefaultRequestTimeout        = 2 * time.Minute
+)
+
+// MaxResponseBytes bounds what the client reads of any answer.
+const MaxResponseBytes = 1 << 20
+
+// maxErrorBody bounds what is read of an error answer.
+const maxErrorBody = 64 << 10
+
+// maxTTL bounds how long a verdict may be cached, whatever the server says.
+const maxTTL = 7 * 24 * time.Hour
+
+// ErrInsecureServer is returned by NewClient for a plain-HTTP URL whose
+// host is not on loopback: the token and the statistics would travel in
+// the clear.
+var ErrInsecureServer = errors.New("plain HTTP is allowed only to a server on loopback")
+
+// ErrBadAnswer is wrapped by the errors for answers the client cannot use:
+// a body that is not JSON, too large, of the wrong type or with invalid
+// fields.
+var ErrBadAnswer = errors.New("unusable answer from the server")
+
+// StatusError is an answer other than success. Code is the HTTP status;
+// RetryAfter is the server's Retry-After (seconds or an HTTP date, as a
+// duration from when it arrived), or 0 without one. A redirect is a
+// StatusError too: the client never follows one, so the token and the
+// data never reach another address.
+type StatusError struct {
+	Op         string // what was attempted: "register", "send batch", ...
+	Code       int
+	RetryAfter time.Duration
+	Message    string // the server's wire.Error, when it sent one
+	Hint       string
+}
+
+func (e *StatusError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: server answered %d %s", e.Op, e.Code, http.StatusText(e.Code))
+	if e.Code >= 300 && e.Code < 400 {
+		b.WriteString(" (redirects are not followed: check the server URL)")
+	}
+	if e.Message != "" {
+		b.WriteString(": " + e.Message)
+	}
+	if e.RetryAfter > 0 {
+		fmt.Fprintf(&b, " (retry after %s)", e.RetryAfter)
+	}
+	return b.String()
+}
+
+// ClientOptions configure a Client. The zero value gives the defaults.
+type ClientOptions struct {
+	// TLS is the TLS configuration (for instance a private root CA).
+	// Certificate verification stays on: a configuration that turns it
+	// off is refused.
+	TLS *tls.Config
+	// Timeouts: connecting, the TLS handshake, waiting for the answer's
+	// header after sending, and the whole request including the body.
+	DialTimeout           time.Duration
+	TLSHandshakeTimeout   time.Duration
+	ResponseHeaderTimeout time.Duration
+	RequestTimeout        time.Duration
+	// UserAgent is sent with every request.
+	UserAgent string
+	// Now is the clock used to read Retry-After dates; nil means time.Now.
+	Now func() time.Time
+}
+
+// Client talks to one Security Network server. It is safe for concurrent
+// use. It sends only what its callers pass; the consent gate is the
+// Uploader's.
+type Client struct {
+	base *url.URL
+	hc   *http.Client
+	ua   string
+	now  func() time.Time
+}
+
+// NewClient returns a client for the server at rawURL: https, or http to
+// a loopback address.
+func NewClient(rawURL string, opts ClientOptions) (*Client, error) {
+	u, err := ParseServerURL(rawURL)
+	if err != nil {
+		return nil, err
+	}
+	if opts.TLS != nil && opts.TLS.InsecureSkipVerify {
+		return nil, fmt.Errorf("create client: TLS certificate verification cannot be turned off")
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&opts.DialTimeout, DefaultDialTimeout)
+	def(&opts.TLSHandshakeTimeout, DefaultTLSHandshakeTimeout)
+	def(&opts.ResponseHeaderTimeout, DefaultResponseHeaderTimeout)
+	def(&opts.RequestTimeout, DefaultRequestTimeout)
+	if opts.UserAgent == "" {
+		opts.UserAgent = "cloudprotectd"
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	tlsConf := &tls.Config{MinVersion: tls.VersionTLS12}
+	if opts.TLS != nil {
+		tlsConf = opts.TLS.Clone()
+		if tlsConf.MinVersion < tls.VersionTLS12 {
+			tlsConf.MinVersion = tls.VersionTLS12
+		}
+	}
+	tr := &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: opts.DialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:       tlsConf,
+		TLSHandshakeTimeout:   opts.TLSHandshakeTimeout,
+		ResponseHeaderTimeout: opts.ResponseHeaderTimeout,
+		ExpectContinueTimeout: time.Second,
+		MaxIdleConns:          4,
+		MaxIdleConnsPerHost:   2,
+		IdleConnTimeout:       90 * time.Second,
+		ForceAttemptHTTP2:     true,
+	}
+	return &Client{
+		base: u,
+		hc: &http.Client{
+			Transport: tr,
+			Timeout:   opts.RequestTimeout,
+			CheckRedirect: func(*http.Request, []*http.Request) error {
+				return http.ErrUseLastResponse
+			},
+		},
+		ua:  opts.UserAgent,
+		now: opts.Now,
+	}, nil
+}
+
+// ParseServerURL checks a Security Network URL: https, or http to a
+// loopback address; no user name, query or fragment.
+func ParseServerURL(rawURL string) (*url.URL, error) {
+	u, err := url.Parse(strings.TrimSpace(rawURL))
+	if err != nil {
+		return nil, fmt.Errorf("parse server URL: %w", err)
+	}
+	if u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
+		return nil, fmt.Errorf("parse server URL %q: want https://host[:port][/path]", rawURL)
+	}
+	switch u.Scheme {
+	case "https":
+	case "http":
+		if !loopback(u.Hostname()) {
+			return nil, fmt.Errorf("parse server URL %q: %w", rawURL, ErrInsecureServer)
+		}
+	default:
+		return nil, fmt.Errorf("parse server URL %q: want https://host[:port][/path]", rawURL)
+	}
+	u.Path = strings.TrimRight(u.Path, "/")
+	u.RawPath = ""
+	return u, nil
+}
+
+func loopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// Server returns the server's URL.
+func (c *Client) Server() string { return c.base.String() }
+
+// CloseIdleConnections closes idle keep-alive connections.
+func (c *Client) CloseIdleConnections() { c.hc.CloseIdleConnections() }
+
+// Register registers a new installation: POST /v1/installations.
+func (c *Client) Register(ctx context.Context, req wire.RegisterRequest) (wire.Registration, error) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return wire.Registration{}, fmt.Errorf("register: %w", err)
+	}
+	var reg wire.Registration
+	if err := c.do(ctx, "register", http.MethodPost, "/v1/installations", "", body, nil, &reg); err != nil {
+		return wire.Registration{}, err
+	}
+	if err := checkRegistration(reg); err != nil {
+		return wire.Registration{}, fmt.Errorf("register: %w", err)
+	}
+	return reg, nil
+}
+
+// EncodeBatch returns the body of POST /v1/statistics for b: its JSON,
+// gzip-compressed.
+func EncodeBatch(b *wire.Batch) ([]byte, error) {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	if err := json.NewEncoder(zw).Encode(b); err != nil {
+		return nil, fmt.Errorf("encode batch: %w", err)
+	}
+	if err := zw.Close(); err != nil {
+		return nil, fmt.Errorf("encode batch: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// PostBatch sends a batch encoded by EncodeBatch: POST /v1/statistics
+// with Content-Encoding: gzip and the batch ID as Idempotency-Key, so
+// that a retry of a batch the server already counted is not counted again.
+func (c *Client) PostBatch(ctx context.Context, token, batchID string, gz []byte) (wire.BatchResult, error) {
+	if len(gz) > wire.MaxBatchCompressed {
+		return wire.BatchResult{}, fmt.Errorf("send batch: %d bytes compressed, more than %d", len(gz), wire.MaxBatchCompressed)
+	}
+	h := http.Header{}
+	h.Set("Content-Encoding", "gzip")
+	h.Set("Idempotency-Key", batchID)
+	var res wire.BatchResult
+	if err := c.do(ctx, "send batch", http.MethodPost, "/v1/statistics", token, gz, h, &res); err != nil {
+		return wire.BatchResult{}, err
+	}
+	if res.Accepted < 0 {
+		return wire.BatchResult{}, fmt.Errorf("send batch: %w: negative accepted count", ErrBadAnswer)
+	}
+	return res, nil
+}
+
+// DeleteInstallation asks the server to delete installation id and
+// everything it contributed: DELETE /v1/installations/{id}. It returns nil
+// once the server confirms: 2xx, or 404, which the server answers when
+// nothing is (any longer) stored under the ID.
+func (c *Client) DeleteInstallation(ctx context.Context, id, token string) error {
+	if !validInstallationID(id) {
+		return fmt.Errorf("delete installation: malformed installation ID %q", id)
+	}
+	err := c.do(ctx, "delete installation", http.MethodDelete, "/v1/installations/"+url.PathEscape(id), token, nil, nil, nil)
+	var se *StatusError
+	if errors.As(err, &se) && se.Code == http.StatusNotFound {
+		return nil
+	}
+	return err
+}
+
+// Lookup asks for the reputation of up to wire.MaxLookupHashes files:
+// POST /v1/reputation/sha256. Only answers for hashes that were asked
+// about are returned; TTLs are bounded to a week and unknown verdicts read
+// as "unknown".
+func (c *Client) Lookup(ctx context.Context, token string, hashes []string) ([]wire.Reputation, error) {
+	if len(hashes) == 0 {
+		return nil, nil
+	}
+	if len(hashes) > wire.MaxLookupHashes {
+		return nil, fmt.Errorf("look up reputation: %d hashes, more than %d", len(hashes), wire.MaxLookupHashes)
+	}
+	body, err := json.Marshal(wire.LookupRequest{SHA256: hashes})
+	if err != nil {
+		return nil, fmt.Errorf("look up reputation: %w", err)
+	}
+	var res wire.LookupResponse
+	if err := c.do(ctx, "look up reputation", http.MethodPost, "/v1/reputation/sha256", token, body, nil, &res); err != nil {
+		return nil, err
+	}
+	return checkReputations(res.Results, hashes), nil
+}
+
+// do sends one request and reads its answer into v (nil: no body wanted).
+func (c *Client) do(ctx context.Context, op, method, path, token string, body []byte, h http.Header, v any) error {
+	u := *c.base
+	u.Path = c.base.Path + path
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), rd)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	for k, vs := range h {
+		req.Header[k] = vs
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Accept", "application/json")
+	req.Header.Set("User-Agent", c.ua)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	defer resp.Body.Close()
+	return ParseResponse(op, resp.StatusCode, resp.Header, resp.Body, c.now(), v)
+}
+
+// ParseResponse reads an answer: for a 2xx status it decodes a JSON body
+// of at most MaxResponseBytes into v (nil: the body is ignored); for any
+// other status it returns a *StatusError with the server's message and
+// Retry-After relative to now. It never reads more than MaxResponseBytes.
+func ParseResponse(op string, code int, h http.Header, body io.Reader, now time.Time, v any) error {
+	if code < 200 || code > 299 {
+		se := &StatusError{Op: op, Code: code, RetryAfter: ParseRetryAfter(h.Get("Retry-After"), now)}
+		if isJSON(h.Get("Content-Type")) {
+			raw, _ := io.ReadAll(io.LimitReader(body, maxErrorBody))
+			var we wire.Error
+			if json.Unmarshal(raw, &we) == nil {
+				se.Message, se.Hint = clean(we.Error), clean(we.Hint)
+			}
+		}
+		io.Copy(io.Discard, io.LimitReader(body, maxErrorBody))
+		return se
+	}
+	if v == nil {
+		io.Copy(io.Discard, io.LimitReader(body, maxErrorBody))
+		return nil
+	}
+	if !isJSON(h.Get("Content-Type")) {
+		return fmt.Errorf("%s: %w: content type %q, want application/json", op, ErrBadAnswer, clean(h.Get("Content-Type")))
+	}
+	raw, err := io.ReadAll(io.LimitReader(body, MaxResponseBytes+1))
+	if err != nil {
+		return fmt.Errorf("%s: read answer: %w", op, err)
+	}
+	if len(raw) > MaxResponseBytes {
+		return fmt.Errorf("%s: %w: larger than %d bytes", op, ErrBadAnswer, MaxResponseBytes)
+	}
+	if err := json.Unmarshal(raw, v); err != nil {
+		return fmt.Errorf("%s: %w: %v", op, ErrBadAnswer, err)
+	}
+	return nil
+}
+
+func isJSON(contentType string) bool {
+	mt, _, err := mime.ParseMediaType(contentType)
+	return err == nil && mt == "application/json"
+}
+
+// clean keeps a server-supplied message printable and short before it is
+// logged or shown.
+func clean(s string) string {
+	if len(s) > 300 {
+		s = s[:300]
+	}
+	s = strings.ToValidUTF8(s, "?")
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
+			return ' '
+		}
+		return r
+	}, s)
+}
+
+// ParseRetryAfter reads a Retry-After header, delay-seconds or an HTTP
+// date, as a duration from now. It returns 0 for a missing, malformed or
+// past value.
+func ParseRetryAfter(v string, now time.Time) time.Duration {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0
+	}
+	if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+		if n <= 0 {
+			return 0
+		}
+		if n > int64(maxTTL/time.Second) {
+			n = int64(maxTTL / time.Second)
+		}
+		return time.Duration(n) * time.Second
+	}
+	t, err := http.ParseTime(v)
+	if err != nil {
+		return 0
+	}
+	d := t.Sub(now)
+	if d <= 0 {
+		return 0
+	}
+	return min(d, maxTTL)
+}
+
+// validInstallationID matches the server's rule for installation IDs.
+func validInstallationID(id string) bool {
+	return wire.ValidBatchID(id) && len(id) <= 64
+}
+
+func checkRegistration(reg wire.Registration) error {
+	if !validInstallationID(reg.InstallationID) {
+		return fmt.Errorf("%w: malformed installation ID", ErrBadAnswer)
+	}
+	if reg.Token == "" || len(reg.Token) > 256 || !utf8.ValidString(reg.Token) {
+		return fmt.Errorf("%w: malformed token", ErrBadAnswer)
+	}
+	for _, r := range reg.Token {
+		if r <= ' ' || r >= 0x7f {
+			return fmt.Errorf("%w: malformed token", ErrBadAnswer)
+		}
+	}
+	return nil
+}
+
+// checkReputations keeps the answers to hashes that were asked about, one
+// per hash, with known verdicts and bounded TTLs.
+func checkReputations(reps []wire.Reputation, asked []string) []wire.Reputation {
+	want := make(map[string]bool, len(asked))
+	for _, h := range asked {
+		want[h] = true
+	}
+	out := make([]wire.Reputation, 0, len(reps))
+	for _, r := range reps {
+		if !want[r.SHA256] {
+			continue
+		}
+		want[r.SHA256] = false
+		switch r.Verdict {
+		case wire.VerdictTrusted, wire.VerdictUntrusted, wire.VerdictMalicious, wire.VerdictUnknown:
+		default:
+			r.Verdict = wire.VerdictUnknown
+		}
+		r.TTLSeconds = max(0, min(r.TTLSeconds, int(maxTTL/time.Second)))
+		r.Prevalence = max(0, r.Prevalence)
+		out = append(out, r)
+	}
+	return out
+}

@@ -1,0 +1,240 @@
+package upload_test
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/server/wire"
+)
+
+// stateOnDisk reads the state file as JSON.
+func stateOnDisk(t *testing.T, path string) map[string]any {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("read state: %v", err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(data, &m); err != nil {
+		t.Fatalf("state is not JSON: %v", err)
+	}
+	return m
+}
+
+func TestLeaveDeletesTheInstallation(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 10, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	s.setMode(mode500) // the server cannot delete yet
+	h.allowed.Store(false)
+	if err := h.up.Leave(); err != nil {
+		t.Fatalf("Leave: %v", err)
+	}
+	h.q.Purge()
+	// The request is on disk when Leave returns.
+	m := stateOnDisk(t, h.state)
+	dels, _ := m["deletions"].([]any)
+	if len(dels) != 1 || m["installation"] != nil {
+		t.Fatalf("state after Leave = %v; want one deletion request and no installation", m)
+	}
+	if !h.up.Status().DeletionPending || h.up.Status().Registered {
+		t.Fatalf("Status after Leave = %+v; want a deletion pending, not registered", h.up.Status())
+	}
+
+	h.runFor(2 * time.Hour) // retried with backoff while the server fails
+	s.mu.Lock()
+	tries := len(s.deletes)
+	s.mu.Unlock()
+	if tries < 4 || tries > 12 {
+		t.Errorf("%d deletion attempts in two hours of failures; want backoff (4 to 12)", tries)
+	}
+
+	// A restart keeps the request.
+	h.stop()
+	h.open()
+	h.start()
+	if !h.up.Status().DeletionPending {
+		t.Fatal("deletion request lost by a restart")
+	}
+	s.setMode(modeOK)
+	h.runFor(time.Hour)
+	eventually(t, "the deletion is confirmed", func() bool { return !h.up.Status().DeletionPending })
+	s.mu.Lock()
+	deleted := s.deleted["inst-1"]
+	s.mu.Unlock()
+	if !deleted {
+		t.Fatal("the server did not delete the installation")
+	}
+	if st := h.up.Status(); st.DeletionPending {
+		t.Errorf("Status = %+v; want no deletion pending", st)
+	}
+	if dels, _ := stateOnDisk(t, h.state)["deletions"].([]any); len(dels) != 0 {
+		t.Errorf("deletion requests left on disk: %v", dels)
+	}
+
+	// Participating again registers a new installation.
+	h.allowed.Store(true)
+	h.up.Wake()
+	h.addRecords(100, 3, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.registrations(); got != 2 {
+		t.Errorf("%d registrations; want a new one after leaving", got)
+	}
+}
+
+func TestDeletionAlreadyGoneIsConfirmed(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 1, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	s.mu.Lock()
+	s.deleted["inst-1"] = true // deleted before, for instance by an earlier run
+	s.mu.Unlock()
+	h.allowed.Store(false)
+	if err := h.up.Leave(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a 404 (nothing stored under the ID) completes the deletion", func() bool { return !h.up.Status().DeletionPending })
+}
+
+func TestLeaveAbortsTheBatchInFlight(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 1, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	gate := make(chan struct{})
+	s.mu.Lock()
+	s.gate = gate
+	s.mu.Unlock()
+	h.addRecords(1, 50, 1)
+	result := make(chan error, 1)
+	go func() { _, err := h.sendNow(); result <- err }()
+	// Wait for the batch to reach the server.
+	deadline := time.Now().Add(5 * time.Second)
+	for s.postCount() < 2 && time.Now().Before(deadline) {
+		time.Sleep(2 * time.Millisecond)
+	}
+	inflight := h.q.InFlight()
+	if inflight == "" {
+		t.Fatal("no batch in flight")
+	}
+	h.allowed.Store(false)
+	if err := h.up.Leave(); err != nil {
+		t.Fatal(err)
+	}
+	h.q.Purge()
+	select {
+	case err := <-result:
+		if err == nil {
+			t.Fatal("SendNow succeeded although the person left while it was in flight")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Leave did not abort the request in flight")
+	}
+	close(gate)
+	h.runFor(time.Hour)
+	eventually(t, "the deletion is confirmed", func() bool { return !h.up.Status().DeletionPending })
+	if n := len(h.q.Sent()); n != 1 {
+		t.Errorf("%d records acknowledged; want only the first batch's 1", n)
+	}
+	if got := s.postCount(); got != 2 {
+		t.Errorf("%d batches posted; want 2 (the aborted one is never sent again)", got)
+	}
+	if len(s.hashCounts()) > 1 {
+		t.Errorf("the server counted the aborted batch: %d hashes", len(s.hashCounts()))
+	}
+	s.mu.Lock()
+	deleted := s.deleted["inst-1"]
+	s.mu.Unlock()
+	if !deleted {
+		t.Error("the installation was not deleted")
+	}
+}
+
+func TestStateFileDamage(t *testing.T) {
+	t.Parallel()
+	good := `{"version":1,"installation":{"installation_id":"ABC","token":"cpt_x","server":"http://127.0.0.1:1"},` +
+		`"deletions":[{"installation_id":"OLD","token":"cpt_y","server":"http://127.0.0.1:1","requested":"2026-01-01T00:00:00Z"}],"records_sent":7,"batches_dropped":1}`
+	tests := []struct {
+		name       string
+		content    string
+		registered bool
+		deletion   bool
+		movedAside bool
+	}{
+		{name: "intact", content: good, registered: true, deletion: true},
+		{name: "empty file", content: "", movedAside: true},
+		{name: "truncated", content: good[:len(good)/2], movedAside: true},
+		{name: "garbage", content: "\x00\x01binary", movedAside: true},
+		{name: "other version", content: `{"version":9}`, movedAside: true},
+		{name: "invalid installation", content: strings.Replace(good, `"ABC"`, `"has space"`, 1), deletion: true},
+		{name: "insecure server", content: strings.Replace(good, `"http://127.0.0.1:1","requested"`, `"http://example.org","requested"`, 1), registered: true},
+		{name: "repeated ID", content: strings.Replace(good, `"OLD"`, `"ABC"`, 1), registered: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			path := filepath.Join(dir, upload.StateFile)
+			if err := os.WriteFile(path, []byte(tt.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			up, err := upload.New(upload.Options{
+				Queue: newNopQueue(), StatePath: path,
+				Server:           func() string { return "http://127.0.0.1:1" },
+				Allowed:          func() bool { return false },
+				StatementVersion: func() int { return 1 },
+			})
+			if err != nil {
+				t.Fatalf("New: %v", err)
+			}
+			st := up.Status()
+			if st.Registered != tt.registered || st.DeletionPending != tt.deletion {
+				t.Errorf("Status = %+v; want registered %v, deletion pending %v", st, tt.registered, tt.deletion)
+			}
+			aside, _ := filepath.Glob(path + ".corrupt-*")
+			if (len(aside) == 1) != tt.movedAside {
+				t.Errorf("moved aside: %v; want %v", aside, tt.movedAside)
+			}
+		})
+	}
+}
+
+type wireRecord = wire.Record
+
+// nopQueue is always empty.
+type nopQueue struct{}
+
+func newNopQueue() nopQueue { return nopQueue{} }
+
+func (nopQueue) TakeBatch(int) (string, []wireRecord, error) { return "", nil, nil }
+func (nopQueue) ReleaseBatch(string) error                   { return nil }
+func (nopQueue) MarkSent(string) error                       { return nil }
+func (nopQueue) DropBatch(string) error                      { return nil }
+func (nopQueue) Pending() int                                { return 0 }

@@ -1,0 +1,4 @@
+package upload
+
+// CheckReputations exposes checkReputations to the fuzz target.
+var CheckReputations = checkReputations

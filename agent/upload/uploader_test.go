@@ -1,0 +1,530 @@
+package upload_test
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
+	"github.com/cloudprotect/cloudprotect/server/wire"
+)
+
+// wantAllDelivered checks that the server counted every record of the
+// first n files exactly once with execs executions, and that the queue
+// holds nothing.
+func wantAllDelivered(t *testing.T, s *scripted, h *harness, n int, execs uint64) {
+	t.Helper()
+	counts := s.hashCounts()
+	if len(counts) != n {
+		t.Errorf("server holds %d hashes; want %d", len(counts), n)
+	}
+	for i := range n {
+		r := uploadtest.Record(i, execs, start)
+		if got := counts[r.SHA256]; got != execs {
+			t.Errorf("server counted %d executions of file %d; want %d", got, i, execs)
+			break
+		}
+	}
+	if p := h.q.Pending(); p != 0 {
+		t.Errorf("queue still holds %d records", p)
+	}
+	if d := h.q.Dropped(); d != 0 {
+		t.Errorf("queue dropped %d records; want none", d)
+	}
+}
+
+func TestSendNowSendsEverythingInBatches(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 12_000, 2)
+
+	sent, err := h.sendNow()
+	if err != nil || sent != 12_000 {
+		t.Fatalf("SendNow = %d, %v; want 12000, nil", sent, err)
+	}
+	wantAllDelivered(t, s, h, 12_000, 2)
+	if got := s.postCount(); got != 3 {
+		t.Errorf("%d batches posted; want 3 (at most 5,000 records each)", got)
+	}
+	if got := s.registrations(); got != 1 {
+		t.Errorf("%d registrations; want 1", got)
+	}
+	st := h.up.Status()
+	if !st.Registered || st.RecordsSent != 12_000 || st.LastUpload == nil || st.LastError != "" {
+		t.Errorf("Status = %+v; want registered, 12000 sent, a last upload, no error", st)
+	}
+	fi, err := os.Stat(h.state)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("state file: %v, mode %v; want 0600", err, fi.Mode())
+	}
+
+	// A restart keeps the registration.
+	h.stop()
+	h.open()
+	h.start()
+	h.idle()
+	h.addRecords(12_000, 10, 1)
+	if sent, err := h.sendNow(); err != nil || sent != 10 {
+		t.Fatalf("SendNow after restart = %d, %v", sent, err)
+	}
+	if got := s.registrations(); got != 1 {
+		t.Errorf("%d registrations after a restart; want 1", got)
+	}
+}
+
+func TestFaultsLoseNothingAndDoNotBusyLoop(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		mode string
+		// maxPosts bounds the requests during the two hours of the fault.
+		minPosts, maxPosts int
+		// minGap is the least fake time between two attempts.
+		minGap time.Duration
+	}{
+		// Backoff 30 s, 1, 2, 4, 8, 16, 30, 30 min... (jitter near the top).
+		{name: "500", mode: mode500, minPosts: 6, maxPosts: 10, minGap: 29 * time.Second},
+		{name: "503 without Retry-After", mode: mode503, minPosts: 6, maxPosts: 10, minGap: 29 * time.Second},
+		{name: "connection reset", mode: modeReset, minPosts: 6, maxPosts: 10, minGap: 29 * time.Second},
+		{name: "slow answers", mode: modeSlow, minPosts: 6, maxPosts: 10, minGap: 29 * time.Second},
+		{name: "garbage body", mode: modeGarbage, minPosts: 6, maxPosts: 10, minGap: 29 * time.Second},
+		{name: "oversized body", mode: modeOversized, minPosts: 6, maxPosts: 10, minGap: 29 * time.Second},
+		{name: "wrong content type", mode: modeWrongType, minPosts: 6, maxPosts: 10, minGap: 29 * time.Second},
+		{name: "429 Retry-After seconds", mode: mode429, minPosts: 50, maxPosts: 61, minGap: 120 * time.Second},
+		{name: "503 Retry-After date", mode: mode503Date, minPosts: 20, maxPosts: 25, minGap: 300 * time.Second},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			s := newScripted(t, nil)
+			h := newHarness(t, s.srv.URL, func(o *upload.Options) {
+				if tt.mode == modeSlow {
+					o.Client.ResponseHeaderTimeout = time.Second
+				}
+			})
+			s.clk = h.clk
+			h.start()
+			h.idle()
+			// Registered and one batch through before the fault.
+			h.addRecords(0, 10, 1)
+			if _, err := h.sendNow(); err != nil {
+				t.Fatal(err)
+			}
+			s.setMode(tt.mode)
+			h.addRecords(10, 1200, 3)
+			before := s.postCount()
+			h.up.Nudge()
+			h.runFor(2 * time.Hour)
+			// The HTTP client may resend a request with an Idempotency-Key
+			// once at the same moment when the connection died before
+			// any answer: one attempt.
+			posts := slices.Compact(s.postTimes()[before:])
+			if len(posts) < tt.minPosts || len(posts) > tt.maxPosts {
+				t.Errorf("%d attempts in two hours of %s; want %d to %d", len(posts), tt.mode, tt.minPosts, tt.maxPosts)
+			}
+			for i := 1; i < len(posts); i++ {
+				if gap := posts[i].Sub(posts[i-1]); gap < tt.minGap {
+					t.Errorf("attempt %d came %s after the previous one; want at least %s", i, gap, tt.minGap)
+					break
+				}
+			}
+			st := h.up.Status()
+			if st.LastError == "" || st.NextAttempt == nil || !st.NextAttempt.After(h.clk.Now().Add(-time.Second)) {
+				t.Errorf("Status during the fault = %+v; want the error and a next attempt", st)
+			}
+
+			s.setMode(modeOK)
+			h.runFor(2 * time.Hour)
+			h.idle()
+			for i := range 10 {
+				if got := s.hashCounts()[uploadtest.Record(i, 1, start).SHA256]; got != 1 {
+					t.Fatalf("file %d counted %d times; want 1", i, got)
+				}
+			}
+			counts := s.hashCounts()
+			if len(counts) != 1210 {
+				t.Errorf("server holds %d hashes; want 1210", len(counts))
+			}
+			for i := 10; i < 1210; i++ {
+				if got := counts[uploadtest.Record(i, 3, start).SHA256]; got != 3 {
+					t.Fatalf("file %d: %d executions counted; want 3 (a retried batch is counted once)", i, got)
+				}
+			}
+			if h.q.Pending() != 0 || h.q.Dropped() != 0 {
+				t.Errorf("queue: %d pending, %d dropped; want none", h.q.Pending(), h.q.Dropped())
+			}
+			if st := h.up.Status(); st.LastError != "" || st.BatchesDropped != 0 {
+				t.Errorf("Status after recovery = %+v; want no error, nothing dropped", st)
+			}
+		})
+	}
+}
+
+func TestServerDownThenBack(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens: connections are refused
+
+	h := newHarness(t, "http://"+addr, nil)
+	h.addRecords(0, 100, 1)
+	h.start()
+	if _, err := h.sendNow(); err == nil {
+		t.Fatal("SendNow to a closed port succeeded")
+	}
+	h.runFor(3 * time.Hour)
+	st := h.up.Status()
+	if st.Registered || st.LastError == "" || st.NextAttempt == nil {
+		t.Fatalf("Status while down = %+v; want unregistered, an error, a next attempt", st)
+	}
+	if wait := st.NextAttempt.Sub(h.clk.Now()); wait > 31*time.Minute {
+		t.Errorf("next attempt in %s; want at most 30 min", wait)
+	}
+
+	ln, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("cannot listen again on %s: %v", addr, err)
+	}
+	s := &scripted{t: t, clk: h.clk, tokens: map[string]string{}, batches: map[string]bool{},
+		counts: map[string]uint64{}, deleted: map[string]bool{}, verdicts: map[string]string{}}
+	s.setMode(modeOK)
+	s.srv = httptest.NewUnstartedServer(s)
+	s.srv.Listener.Close()
+	s.srv.Listener = ln
+	s.srv.Start()
+	t.Cleanup(s.srv.Close)
+	h.runFor(time.Hour)
+	h.idle()
+	wantAllDelivered(t, s, h, 100, 1)
+}
+
+func TestRedirectIsNotFollowed(t *testing.T) {
+	t.Parallel()
+	var elsewhere atomic.Int32
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		elsewhere.Add(1)
+	}))
+	defer other.Close()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	s.redirectTo = other.URL + "/steal"
+	h.start()
+	h.idle()
+	h.addRecords(0, 10, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	s.setMode(modeRedirect)
+	h.addRecords(10, 10, 1)
+	_, err := h.sendNow()
+	var se *upload.StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusTemporaryRedirect {
+		t.Fatalf("SendNow with a redirect = %v; want a StatusError 307", err)
+	}
+	h.runFor(time.Hour)
+	if n := elsewhere.Load(); n != 0 {
+		t.Fatalf("the other host received %d requests; want none", n)
+	}
+	s.setMode(modeOK)
+	h.runFor(time.Hour)
+	h.idle()
+	wantAllDelivered(t, s, h, 20, 1)
+}
+
+func TestUntrustedCertificateIsRefused(t *testing.T) {
+	t.Parallel()
+	s := &scripted{t: t, tokens: map[string]string{}, batches: map[string]bool{},
+		counts: map[string]uint64{}, deleted: map[string]bool{}, verdicts: map[string]string{}}
+	s.setMode(modeOK)
+	s.srv = httptest.NewTLSServer(s)
+	s.srv.Config.ErrorLog = newDiscardLog()
+	defer s.srv.Close()
+
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 10, 1)
+	_, err := h.sendNow()
+	var ue *tls.CertificateVerificationError
+	if !errors.As(err, &ue) {
+		t.Fatalf("SendNow to an untrusted certificate = %v; want a certificate verification error", err)
+	}
+	if n := s.totalRequests(); n != 0 {
+		t.Fatalf("the server received %d requests; want none", n)
+	}
+	h.stop()
+
+	// With the server's root trusted, the same records go through.
+	roots := x509.NewCertPool()
+	roots.AddCert(s.srv.Certificate())
+	h.opts.Client.TLS = &tls.Config{RootCAs: roots}
+	h.open()
+	h.start()
+	if _, err := h.sendNow(); err != nil {
+		t.Fatalf("SendNow with the root trusted: %v", err)
+	}
+	wantAllDelivered(t, s, h, 10, 1)
+
+	// Turning verification off is refused.
+	if _, err := upload.NewClient(s.srv.URL, upload.ClientOptions{TLS: &tls.Config{InsecureSkipVerify: true}}); err == nil {
+		t.Error("NewClient with InsecureSkipVerify succeeded")
+	}
+}
+
+func TestRefusedBatchIsDroppedAndCounted(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	s.setMode(mode422)
+	h.addRecords(0, 10, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatalf("SendNow = %v; a refused batch is not an error of the upload", err)
+	}
+	if h.q.Dropped() != 10 || h.q.Pending() != 0 {
+		t.Errorf("queue: %d dropped, %d pending; want 10, 0", h.q.Dropped(), h.q.Pending())
+	}
+	st := h.up.Status()
+	if st.BatchesDropped != 1 || !strings.Contains(st.LastError, "422") {
+		t.Errorf("Status = %+v; want 1 batch dropped and the 422 as last error", st)
+	}
+	s.setMode(modeOK)
+	h.addRecords(10, 5, 1)
+	if sent, err := h.sendNow(); err != nil || sent != 5 {
+		t.Fatalf("SendNow after = %d, %v", sent, err)
+	}
+}
+
+func TestUnknownTokenRegistersAgain(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 10, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	s.setMode(modeForgetToken)
+	h.addRecords(10, 10, 1)
+	if sent, err := h.sendNow(); err != nil || sent != 10 {
+		t.Fatalf("SendNow after the server forgot the token = %d, %v; want 10, nil", sent, err)
+	}
+	if got := s.registrations(); got != 2 {
+		t.Errorf("%d registrations; want 2", got)
+	}
+	wantAllDelivered(t, s, h, 20, 1)
+}
+
+func TestNothingIsSentWithoutConsent(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.allowed.Store(false)
+	h.addRecords(0, 2000, 1)
+	h.start()
+	h.up.Nudge()
+	if _, err := h.sendNow(); !errors.Is(err, upload.ErrNotParticipating) {
+		t.Fatalf("SendNow without consent = %v; want ErrNotParticipating", err)
+	}
+	if _, err := h.up.Lookup(context.Background(), []string{uploadtest.Record(0, 1, start).SHA256}); !errors.Is(err, upload.ErrNotParticipating) {
+		t.Fatalf("Lookup without consent = %v; want ErrNotParticipating", err)
+	}
+	h.runFor(3 * time.Hour)
+	if n := s.totalRequests(); n != 0 {
+		t.Fatalf("the server received %d requests without consent; want none", n)
+	}
+	if _, err := os.Stat(h.state); !os.IsNotExist(err) {
+		t.Errorf("state file exists without consent (err %v): nothing should be registered", err)
+	}
+
+	h.allowed.Store(true)
+	h.up.Wake()
+	h.runFor(time.Minute)
+	h.idle()
+	wantAllDelivered(t, s, h, 2000, 1)
+}
+
+func TestScheduleIntervalAndNudge(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	h.start()
+	h.idle() // nothing pending at start: next upload in 15 min
+
+	h.addRecords(0, 999, 1)
+	h.up.Nudge()
+	h.runFor(14 * time.Minute)
+	if n := s.postCount(); n != 0 {
+		t.Fatalf("%d batches sent before the interval with 999 pending; want 0", n)
+	}
+	h.addRecords(999, 1, 1)
+	h.up.Nudge()
+	deadline := time.Now().Add(5 * time.Second)
+	for s.postCount() == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n := s.postCount(); n != 1 {
+		t.Fatalf("%d batches sent after a nudge with 1,000 pending; want 1", n)
+	}
+	h.idle()
+	h.addRecords(1000, 5, 1)
+	h.runFor(14 * time.Minute)
+	if n := s.postCount(); n != 1 {
+		t.Fatalf("%d batches sent within 14 min of the last; want 1", n)
+	}
+	h.runFor(2 * time.Minute)
+	h.idle()
+	if n := s.postCount(); n != 2 {
+		t.Fatalf("%d batches sent after the interval; want 2", n)
+	}
+	wantAllDelivered(t, s, h, 1005, 1)
+}
+
+func TestOversizedBatchIsCutSmaller(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, func(o *upload.Options) { o.MaxBatchBytes = 20_000 })
+	s.clk = h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 2000, 1)
+	if sent, err := h.sendNow(); err != nil || sent != 2000 {
+		t.Fatalf("SendNow = %d, %v", sent, err)
+	}
+	if n := s.postCount(); n < 7 {
+		t.Errorf("%d batches for 2,000 records under 20 kB; want smaller batches", n)
+	}
+	wantAllDelivered(t, s, h, 2000, 1)
+}
+
+func TestServerChangeDeletesTheOldInstallation(t *testing.T) {
+	t.Parallel()
+	a := newScripted(t, nil)
+	b := newScripted(t, nil)
+	h := newHarness(t, a.srv.URL, nil)
+	a.clk, b.clk = h.clk, h.clk
+	h.start()
+	h.idle()
+	h.addRecords(0, 5, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	h.server.Store(b.srv.URL)
+	h.addRecords(5, 5, 1)
+	if _, err := h.sendNow(); err != nil {
+		t.Fatal(err)
+	}
+	h.runFor(time.Minute)
+	h.idle()
+	if b.registrations() != 1 || len(b.hashCounts()) != 5 {
+		t.Errorf("new server: %d registrations, %d hashes; want 1, 5", b.registrations(), len(b.hashCounts()))
+	}
+	a.mu.Lock()
+	deleted := a.deleted["inst-1"]
+	a.mu.Unlock()
+	if !deleted {
+		t.Error("the installation on the old server was not deleted")
+	}
+	if h.up.Status().DeletionPending {
+		t.Error("deletion still pending")
+	}
+}
+
+func TestParseServerURL(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name, url string
+		ok        bool
+	}{
+		{"https", "https://cloud.example.org", true},
+		{"https with path", "https://cloud.example.org/sn/", true},
+		{"http on loopback", "http://127.0.0.1:8787", true},
+		{"http on localhost", "http://localhost:8787", true},
+		{"http on IPv6 loopback", "http://[::1]:8787", true},
+		{"http elsewhere", "http://cloud.example.org", false},
+		{"http on a LAN address", "http://192.168.1.10:8787", false},
+		{"user info", "https://u:p@cloud.example.org", false},
+		{"query", "https://cloud.example.org/?x=1", false},
+		{"no host", "https:///v1", false},
+		{"other scheme", "ftp://cloud.example.org", false},
+		{"garbage", "::", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			_, err := upload.ParseServerURL(tt.url)
+			if (err == nil) != tt.ok {
+				t.Errorf("ParseServerURL(%q) = %v; want ok %v", tt.url, err, tt.ok)
+			}
+		})
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	t.Parallel()
+	now := start
+	tests := []struct {
+		name, v string
+		want    time.Duration
+	}{
+		{"empty", "", 0},
+		{"seconds", "120", 120 * time.Second},
+		{"zero", "0", 0},
+		{"negative", "-5", 0},
+		{"huge", "999999999999", 7 * 24 * time.Hour},
+		{"date", now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second},
+		{"past date", now.Add(-time.Hour).Format(http.TimeFormat), 0},
+		{"garbage", "soon", 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			if got := upload.ParseRetryAfter(tt.v, now); got != tt.want {
+				t.Errorf("ParseRetryAfter(%q) = %s; want %s", tt.v, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestLookupSendsHashesAndKeepsOnlyWhatWasAsked(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	bad := uploadtest.Record(1, 1, start).SHA256
+	s.verdicts[bad] = wire.VerdictMalicious
+	h.start()
+	reps, err := h.up.Lookup(context.Background(), []string{uploadtest.Record(0, 1, start).SHA256, bad})
+	if err != nil || len(reps) != 2 || reps[1].Verdict != wire.VerdictMalicious {
+		t.Fatalf("Lookup = %+v, %v", reps, err)
+	}
+	if got := s.registrations(); got != 1 {
+		t.Errorf("%d registrations; want 1", got)
+	}
+}
