@@ -1,0 +1,322 @@
+package setup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
+)
+
+// Systemd enables, starts, stops and disables the agent's service.
+type Systemd struct {
+	// Dir exists when systemd is the running init system; empty means
+	// /run/systemd/system.
+	Dir string
+	// Command runs systemctl with args; nil runs the real one.
+	Command func(ctx context.Context, args ...string) error
+}
+
+// Running reports whether systemd manages this computer.
+func (s Systemd) Running() bool {
+	dir := s.Dir
+	if dir == "" {
+		dir = "/run/systemd/system"
+	}
+	fi, err := os.Stat(dir)
+	return err == nil && fi.IsDir()
+}
+
+func (s Systemd) run(ctx context.Context, args ...string) error {
+	if s.Command != nil {
+		return s.Command(ctx, args...)
+	}
+	out, err := exec.CommandContext(ctx, "systemctl", args...).CombinedOutput()
+	if err != nil {
+		msg := strings.TrimSpace(string(out))
+		if msg == "" {
+			msg = err.Error()
+		}
+		return fmt.Errorf("systemctl %s: %s", strings.Join(args, " "), msg)
+	}
+	return nil
+}
+
+// Outcome says what happened to the service.
+type Outcome struct {
+	// Running is true when the service was left enabled and running.
+	Running bool
+	// Note says what was done, or what could not be done and how to do it
+	// by hand.
+	Note string
+}
+
+// InstallOptions configure Install.
+type InstallOptions struct {
+	Layout Layout
+	// BinDir holds the programs to install.
+	BinDir string
+	// Start enables and starts the service where systemd runs.
+	Start   bool
+	Systemd Systemd
+	// Decision, when set, is the person's answer about participating in
+	// the Security Network, recorded with via "install". Nil records
+	// nothing: the agent stays undecided and collects nothing.
+	Decision *bool
+	// UID is who answered.
+	UID int
+	// AgentWait bounds the wait for a service just started to answer on
+	// its socket; zero means 10 seconds.
+	AgentWait time.Duration
+}
+
+// InstallResult says what Install did.
+type InstallResult struct {
+	// Written lists the files written; empty when everything was already
+	// installed.
+	Written []string
+	Service Outcome
+	// Consent is what was recorded, when a decision was given.
+	Consent *Recorded
+}
+
+// Install puts the files in place, then enables and starts the service
+// (when asked to and systemd runs), then records the decision, if any:
+// through the agent when one answers, else directly in the consent record.
+func Install(ctx context.Context, o InstallOptions) (InstallResult, error) {
+	var res InstallResult
+	if err := o.Layout.Check(); err != nil {
+		return res, err
+	}
+	files, err := Manifest(o.Layout, o.BinDir)
+	if err != nil {
+		return res, err
+	}
+	if err := CheckPrograms(o.BinDir); err != nil {
+		return res, err
+	}
+	if err := mkdirs(o.Layout.Root, "/"); err != nil {
+		return res, err
+	}
+	for _, f := range files {
+		if err := mkdirs(o.Layout.Root, path.Dir(f.Path)); err != nil {
+			return res, err
+		}
+	}
+	res.Written, err = Apply(o.Layout.Root, files)
+	if err != nil {
+		return res, err
+	}
+	res.Service, err = startService(ctx, o, res.Written)
+	if err != nil {
+		return res, err
+	}
+	if o.Decision == nil {
+		return res, nil
+	}
+	if res.Service.Running {
+		wait := o.AgentWait
+		if wait == 0 {
+			wait = 10 * time.Second
+		}
+		waitAgent(ctx, o.Layout, wait)
+	}
+	rec, err := RecordConsent(ctx, o.Layout, *o.Decision, o.UID)
+	if err != nil {
+		return res, err
+	}
+	res.Consent = &rec
+	if rec.Through == ThroughFile && res.Service.Running {
+		// The service started but did not answer in time: it reads the
+		// record when it starts, so start it again.
+		if err := o.Systemd.run(ctx, "try-restart", UnitName); err != nil {
+			return res, fmt.Errorf("restart the service to read the consent record: %w", err)
+		}
+	}
+	return res, nil
+}
+
+// mkdirs creates dir under root and each missing folder above it with
+// mode 0755, whatever the umask: everyone must reach the programs, icons
+// and manual pages.
+func mkdirs(root, dir string) error {
+	p := root
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		return fmt.Errorf("create %s: %w", root, err)
+	}
+	if dir == "/" {
+		// The top of a staging root becomes the package's "/".
+		if root != "/" {
+			if err := os.Chmod(root, 0o755); err != nil {
+				return fmt.Errorf("create %s: %w", root, err)
+			}
+		}
+		return nil
+	}
+	for _, part := range strings.Split(strings.Trim(dir, "/"), "/") {
+		p = p + string(os.PathSeparator) + part
+		if err := os.Mkdir(p, 0o755); err != nil {
+			if errors.Is(err, fs.ErrExist) {
+				continue
+			}
+			return fmt.Errorf("create %s: %w", p, err)
+		}
+		if err := os.Chmod(p, 0o755); err != nil {
+			return fmt.Errorf("create %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+func startService(ctx context.Context, o InstallOptions, written []string) (Outcome, error) {
+	l := o.Layout
+	daemon := path.Join(l.BinDir(), "cloudprotectd")
+	switch {
+	case !o.Start && l.Staging():
+		return Outcome{Note: fmt.Sprintf("Installed under %s: nothing was enabled or started there.", l.Root)}, nil
+	case !o.Start:
+		return Outcome{Note: "The service was not enabled or started (--no-start); to start the agent now and at every boot: sudo systemctl enable --now " + UnitName}, nil
+	case !o.Systemd.Running():
+		return Outcome{Note: "systemd is not running on this computer (it is not process 1), so the cloudprotectd service could not be enabled or started. " +
+			"Start the agent with your init system, or by hand as root: sudo " + daemon + " &"}, nil
+	}
+	// Whether it ran before decides whether new files need a restart.
+	wasActive := o.Systemd.run(ctx, "is-active", "--quiet", UnitName) == nil
+	if len(written) > 0 {
+		if err := o.Systemd.run(ctx, "daemon-reload"); err != nil {
+			return Outcome{}, fmt.Errorf("reload systemd: %w", err)
+		}
+	}
+	if err := o.Systemd.run(ctx, "enable", "--now", UnitName); err != nil {
+		return Outcome{}, fmt.Errorf("enable the service: %w", err)
+	}
+	restarted := false
+	if wasActive && slices.ContainsFunc(written, func(p string) bool {
+		return p == daemon || p == l.UnitPath()
+	}) {
+		if err := o.Systemd.run(ctx, "restart", UnitName); err != nil {
+			return Outcome{}, fmt.Errorf("restart the service: %w", err)
+		}
+		restarted = true
+	}
+	switch {
+	case restarted:
+		return Outcome{Running: true, Note: "The cloudprotectd service was restarted to run the new version; it starts at every boot."}, nil
+	case wasActive:
+		return Outcome{Running: true, Note: "The cloudprotectd service is enabled and running."}, nil
+	}
+	return Outcome{Running: true, Note: "The cloudprotectd service is enabled and started; it starts at every boot."}, nil
+}
+
+// waitAgent waits until the agent of layout l answers, at most wait.
+func waitAgent(ctx context.Context, l Layout, wait time.Duration) bool {
+	c := localapi.NewClient(l.OnDisk(localapi.SystemSocket))
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	for {
+		if _, err := c.Status(ctx); err == nil {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// UninstallOptions configure Uninstall.
+type UninstallOptions struct {
+	Layout Layout
+	// Stop stops and disables the service where systemd runs.
+	Stop    bool
+	Systemd Systemd
+	// Purge also deletes the agent's state: the consent record and the
+	// statistics not sent yet.
+	Purge bool
+}
+
+// UninstallResult says what Uninstall did.
+type UninstallResult struct {
+	Removed []string
+	Service Outcome
+	// Purged is true when the state folder was deleted.
+	Purged bool
+	// PolicyKept names the administrator's policy when it was left.
+	PolicyKept string
+}
+
+// Uninstall stops and disables the service where systemd runs, removes
+// the installed files and, with Purge, the agent's state.
+func Uninstall(ctx context.Context, o UninstallOptions) (UninstallResult, error) {
+	var res UninstallResult
+	l := o.Layout
+	if err := l.Check(); err != nil {
+		return res, err
+	}
+	files, err := Manifest(l, "")
+	if err != nil {
+		return res, err
+	}
+	_, unitErr := os.Stat(l.OnDisk(l.UnitPath()))
+	switch {
+	case !o.Stop:
+		res.Service.Note = "Nothing was stopped."
+	case !o.Systemd.Running():
+		res.Service.Note = "systemd is not running on this computer, so no service was stopped or disabled; " +
+			"if cloudprotectd still runs, stop it (for example: sudo pkill -x cloudprotectd)."
+	case unitErr != nil:
+		res.Service.Note = "The cloudprotectd service was not installed in " + l.UnitDir() + "."
+	default:
+		if err := o.Systemd.run(ctx, "disable", "--now", UnitName); err != nil {
+			return res, fmt.Errorf("stop the service: %w", err)
+		}
+		res.Service.Note = "The cloudprotectd service was stopped and disabled."
+	}
+	res.Removed, err = Remove(l, files)
+	if err != nil {
+		return res, err
+	}
+	if o.Stop && o.Systemd.Running() && len(res.Removed) > 0 {
+		if err := o.Systemd.run(ctx, "daemon-reload"); err != nil {
+			return res, fmt.Errorf("reload systemd: %w", err)
+		}
+	}
+	if o.Purge {
+		if err := os.RemoveAll(l.OnDisk(StateDir)); err != nil {
+			return res, fmt.Errorf("delete the agent's state: %w", err)
+		}
+		res.Purged = true
+	}
+	if _, err := os.Stat(l.OnDisk(consent.DefaultPolicyPath)); err == nil {
+		res.PolicyKept = consent.DefaultPolicyPath
+	}
+	return res, nil
+}
+
+// Packaged reports whether the Debian package is installed under the
+// layout's root: then apt, not these commands, owns the files.
+func Packaged(l Layout) bool {
+	admin := l.OnDisk("/var/lib/dpkg")
+	if _, err := os.Stat(admin); err != nil {
+		return false
+	}
+	out, err := exec.Command("dpkg-query", "--admindir="+admin, "--show", "--showformat=${db:Status-Status}", PackageName).Output()
+	if err != nil {
+		return false
+	}
+	switch strings.TrimSpace(string(out)) {
+	case "", "not-installed", "config-files":
+		return false
+	}
+	return true
+}
