@@ -1,0 +1,415 @@
+// Package reputation asks the Security Network for the reputation of every
+// newly seen file: hashes are gathered over a short window and looked up
+// in bulk, verdicts are cached for as long as the server allows, and
+// "malicious" or "untrusted" verdicts become alerts for the person. No
+// lookup is made while the person does not participate.
+package reputation
+
+import (
+	"container/list"
+	"context"
+	"errors"
+	"log/slog"
+	"math/rand/v2"
+	"path"
+	"sync"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/server/wire"
+)
+
+// Defaults of Options.
+const (
+	DefaultWindow     = 2 * time.Second
+	DefaultBatch      = wire.MaxLookupHashes
+	DefaultMaxPending = 10_000
+	DefaultCacheSize  = 100_000
+	DefaultMinBackoff = 30 * time.Second
+	DefaultMaxBackoff = 30 * time.Minute
+)
+
+// Lookuper answers bulk reputation lookups. *upload.Uploader is one: it
+// looks up with the installation's credentials and refuses while the
+// person does not participate.
+type Lookuper interface {
+	Lookup(ctx context.Context, hashes []string) ([]wire.Reputation, error)
+}
+
+// Options configure a Checker. Lookup, Allowed and Alert are required.
+type Options struct {
+	Lookup Lookuper
+	// Allowed reports whether the person participates; no lookup is made
+	// and nothing is queued while it is false.
+	Allowed func() bool
+	// Alert receives "malicious" and "untrusted" verdicts, from Serve's
+	// goroutine, without locks held. It must not block for long.
+	Alert func(localapi.Alert)
+	// Clock is the time; nil means upload.SystemClock.
+	Clock upload.Clock
+	// Logger receives what happens; nil discards.
+	Logger *slog.Logger
+	// Window is how long hashes are gathered before a lookup (default
+	// 2 s); Batch pending hashes are looked up at once (default and
+	// maximum wire.MaxLookupHashes).
+	Window time.Duration
+	Batch  int
+	// MaxPending bounds the hashes waiting for a lookup (default 10,000);
+	// beyond it new hashes are dropped and counted.
+	MaxPending int
+	// CacheSize bounds the verdicts kept (default 100,000); the least
+	// recently used are forgotten first.
+	CacheSize int
+	// MinBackoff and MaxBackoff bound the wait after a failed lookup
+	// (default 30 s and 30 min).
+	MinBackoff, MaxBackoff time.Duration
+	// Jitter returns a number in [0, 1); nil means math/rand/v2.
+	Jitter func() float64
+}
+
+// Stats are counters of a Checker.
+type Stats struct {
+	Pending int    `json:"pending"` // hashes waiting for a lookup
+	Cached  int    `json:"cached"`  // verdicts cached
+	Dropped uint64 `json:"dropped"` // hashes dropped because too many were pending
+	Lookups uint64 `json:"lookups"` // bulk lookups answered
+	Alerts  uint64 `json:"alerts"`  // alerts raised
+}
+
+// Checker looks up the reputation of files. Check and Forget are safe to
+// call from any goroutine; Serve does the lookups.
+type Checker struct {
+	opts  Options
+	log   *slog.Logger
+	clock upload.Clock
+	kick  chan struct{} // one slot: enough pending, or consent changed
+
+	mu sync.Mutex // protects the fields below
+	// pending maps hashes waiting for a lookup to the path they were seen
+	// at; order keeps them oldest first (hashes already looked up or
+	// forgotten are skipped when taken).
+	pending map[string]string
+	order   []string
+	// oldest is when the oldest pending hash arrived.
+	oldest time.Time
+	// inflight holds the hashes of the lookup under way.
+	inflight map[string]string
+	// gen is bumped by Forget: answers to older lookups are discarded.
+	gen      uint64
+	cache    map[string]*list.Element // of *entry
+	lru      *list.List               // most recently used first
+	retryAt  time.Time
+	failures int
+	stats    Stats
+}
+
+type entry struct {
+	sha256  string
+	verdict string
+	expires time.Time
+}
+
+// New returns a Checker.
+func New(opts Options) (*Checker, error) {
+	if opts.Lookup == nil || opts.Allowed == nil || opts.Alert == nil {
+		return nil, errors.New("create reputation checker: Lookup, Allowed and Alert are required")
+	}
+	if opts.Clock == nil {
+		opts.Clock = upload.SystemClock{}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Window <= 0 {
+		opts.Window = DefaultWindow
+	}
+	if opts.Batch <= 0 || opts.Batch > wire.MaxLookupHashes {
+		opts.Batch = DefaultBatch
+	}
+	if opts.MaxPending <= 0 {
+		opts.MaxPending = DefaultMaxPending
+	}
+	if opts.CacheSize <= 0 {
+		opts.CacheSize = DefaultCacheSize
+	}
+	if opts.MinBackoff <= 0 {
+		opts.MinBackoff = DefaultMinBackoff
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = DefaultMaxBackoff
+	}
+	if opts.Jitter == nil {
+		opts.Jitter = rand.Float64
+	}
+	return &Checker{
+		opts:     opts,
+		log:      opts.Logger,
+		clock:    opts.Clock,
+		kick:     make(chan struct{}, 1),
+		pending:  map[string]string{},
+		inflight: map[string]string{},
+		cache:    map[string]*list.Element{},
+		lru:      list.New(),
+	}, nil
+}
+
+// Check queues the file with this SHA-256, seen at the anonymised path,
+// for a lookup, unless a verdict on it is cached and fresh. It never
+// blocks on the network: when too many hashes are pending, the new one
+// is dropped and counted. Nothing is queued while the person does not
+// participate.
+func (c *Checker) Check(sha256, anonPath string) {
+	if !wire.ValidSHA256(sha256) || !c.opts.Allowed() {
+		return
+	}
+	now := c.clock.Now()
+	c.mu.Lock()
+	if el, ok := c.cache[sha256]; ok {
+		e := el.Value.(*entry)
+		if now.Before(e.expires) {
+			c.lru.MoveToFront(el)
+			c.mu.Unlock()
+			return
+		}
+		c.lru.Remove(el)
+		delete(c.cache, sha256)
+	}
+	if _, ok := c.inflight[sha256]; ok {
+		c.inflight[sha256] = anonPath
+		c.mu.Unlock()
+		return
+	}
+	if _, ok := c.pending[sha256]; ok {
+		c.pending[sha256] = anonPath
+		c.mu.Unlock()
+		return
+	}
+	if len(c.pending) >= c.opts.MaxPending {
+		c.stats.Dropped++
+		c.mu.Unlock()
+		return
+	}
+	first := len(c.pending) == 0
+	if first {
+		c.oldest = now
+	}
+	c.pending[sha256] = anonPath
+	c.order = append(c.order, sha256)
+	full := len(c.pending) >= c.opts.Batch
+	c.mu.Unlock()
+	if first || full {
+		c.Wake() // Serve starts the window, or looks up at once
+	}
+}
+
+// Wake makes Serve look again at what is pending: call it when consent
+// changes. It never blocks.
+func (c *Checker) Wake() {
+	select {
+	case c.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Forget drops every pending hash and every cached verdict, and discards
+// the answer to a lookup under way: the agent calls it when the person
+// leaves.
+func (c *Checker) Forget() {
+	c.mu.Lock()
+	c.gen++
+	c.pending, c.order, c.inflight = map[string]string{}, nil, map[string]string{}
+	c.cache, c.lru = map[string]*list.Element{}, list.New()
+	c.retryAt, c.failures = time.Time{}, 0
+	c.mu.Unlock()
+	c.Wake()
+}
+
+// Stats returns the counters.
+func (c *Checker) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := c.stats
+	s.Pending = len(c.pending) + len(c.inflight)
+	s.Cached = len(c.cache)
+	return s
+}
+
+// Serve looks up pending hashes until ctx is cancelled, and returns
+// ctx.Err().
+func (c *Checker) Serve(ctx context.Context) error {
+	for {
+		wait, ok := c.due()
+		if ok && wait <= 0 {
+			c.lookup(ctx)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			continue
+		}
+		var t upload.Timer
+		var tc <-chan time.Time
+		if ok {
+			t = c.clock.NewTimer(wait)
+			tc = t.C()
+		}
+		select {
+		case <-ctx.Done():
+		case <-tc:
+		case <-c.kick:
+		}
+		if t != nil {
+			t.Stop()
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// due returns how long until the next lookup; false when nothing is
+// pending or the person does not participate.
+func (c *Checker) due() (time.Duration, bool) {
+	if !c.opts.Allowed() {
+		return 0, false
+	}
+	now := c.clock.Now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.pending) == 0 {
+		return 0, false
+	}
+	at := c.oldest.Add(c.opts.Window)
+	if len(c.pending) >= c.opts.Batch {
+		at = now
+	}
+	if c.retryAt.After(at) {
+		at = c.retryAt
+	}
+	return at.Sub(now), true
+}
+
+// lookup looks up one batch of the oldest pending hashes.
+func (c *Checker) lookup(ctx context.Context) {
+	c.mu.Lock()
+	gen := c.gen
+	batch := make([]string, 0, min(len(c.pending), c.opts.Batch))
+	i := 0
+	for ; i < len(c.order) && len(batch) < c.opts.Batch; i++ {
+		h := c.order[i]
+		p, ok := c.pending[h]
+		if !ok {
+			continue
+		}
+		batch = append(batch, h)
+		c.inflight[h] = p
+		delete(c.pending, h)
+	}
+	c.order = append([]string(nil), c.order[i:]...)
+	c.oldest = c.clock.Now()
+	c.mu.Unlock()
+	if len(batch) == 0 {
+		return
+	}
+
+	reps, err := c.opts.Lookup.Lookup(ctx, batch)
+
+	now := c.clock.Now()
+	c.mu.Lock()
+	if c.gen != gen {
+		c.mu.Unlock()
+		return // forgotten while the lookup was under way
+	}
+	if err != nil {
+		// Back to the front of the queue, to be asked again.
+		for _, h := range batch {
+			if p, ok := c.inflight[h]; ok {
+				c.pending[h] = p
+				delete(c.inflight, h)
+			}
+		}
+		c.order = append(batch, c.order...)
+		if ctx.Err() != nil {
+			c.mu.Unlock()
+			return
+		}
+		c.failures++
+		wait := backoff(c.failures, c.opts.MinBackoff, c.opts.MaxBackoff, c.opts.Jitter)
+		c.retryAt = now.Add(wait)
+		c.mu.Unlock()
+		level := slog.LevelWarn
+		if errors.Is(err, upload.ErrNotParticipating) {
+			level = slog.LevelDebug // consent changed while the lookup was prepared
+		}
+		c.log.Log(ctx, level, "reputation lookup failed", "err", err, "hashes", len(batch), "retry_in", wait)
+		return
+	}
+	c.failures, c.retryAt = 0, time.Time{}
+	c.stats.Lookups++
+	var alerts []localapi.Alert
+	for _, r := range reps {
+		p, ok := c.inflight[r.SHA256]
+		if !ok {
+			continue
+		}
+		if r.TTLSeconds > 0 {
+			c.storeLocked(r.SHA256, r.Verdict, now.Add(time.Duration(r.TTLSeconds)*time.Second))
+		}
+		if r.Verdict == wire.VerdictMalicious || r.Verdict == wire.VerdictUntrusted {
+			alerts = append(alerts, localapi.Alert{SHA256: r.SHA256, Path: p, Program: path.Base(p), Verdict: r.Verdict})
+			c.stats.Alerts++
+		}
+	}
+	for _, h := range batch {
+		delete(c.inflight, h)
+	}
+	c.mu.Unlock()
+	for _, a := range alerts {
+		c.log.Warn("reputation alert", "verdict", a.Verdict, "program", a.Program)
+		c.opts.Alert(a)
+	}
+}
+
+// storeLocked caches a verdict, forgetting the least recently used one
+// beyond CacheSize.
+func (c *Checker) storeLocked(sha, verdict string, expires time.Time) {
+	if el, ok := c.cache[sha]; ok {
+		e := el.Value.(*entry)
+		e.verdict, e.expires = verdict, expires
+		c.lru.MoveToFront(el)
+		return
+	}
+	c.cache[sha] = c.lru.PushFront(&entry{sha256: sha, verdict: verdict, expires: expires})
+	for c.lru.Len() > c.opts.CacheSize {
+		old := c.lru.Back()
+		c.lru.Remove(old)
+		delete(c.cache, old.Value.(*entry).sha256)
+	}
+}
+
+// Verdict returns the cached verdict on sha256, if a fresh one is cached.
+func (c *Checker) Verdict(sha256 string) (string, bool) {
+	now := c.clock.Now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	el, ok := c.cache[sha256]
+	if !ok {
+		return "", false
+	}
+	e := el.Value.(*entry)
+	if !now.Before(e.expires) {
+		return "", false
+	}
+	return e.verdict, true
+}
+
+// backoff returns the wait after n failures in a row: lo·2^(n-1) capped
+// at hi, with jitter taking it down by up to a half.
+func backoff(n int, lo, hi time.Duration, jitter func() float64) time.Duration {
+	d := lo
+	for i := 1; i < n && d < hi; i++ {
+		d *= 2
+	}
+	d = min(d, hi)
+	return d/2 + time.Duration(jitter()*float64(d/2))
+}
