@@ -1,0 +1,76 @@
+package faults
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
+)
+
+// child is the test binary run as another user (see runAs). Operations:
+//
+//	status       print the state and whether this user may change it
+//	participate  try to participate; print the answer's code
+//	hold:N       open N connections, every other one an event stream
+//	             that is never read; print "opened N", then hold them
+//	             until stdin is closed
+func child(op, socket string) int {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := localapi.NewClient(socket)
+	defer c.Close()
+	switch {
+	case op == "status":
+		st, err := c.Status(ctx)
+		if err != nil {
+			fmt.Println("error:", err)
+			return 1
+		}
+		fmt.Printf("state=%s can_change=%v\n", st.Participation.State, st.CanChange)
+		return 0
+	case op == "participate":
+		_, err := c.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"})
+		var ae *localapi.APIError
+		if errors.As(err, &ae) {
+			fmt.Printf("code=%d hint=%v\n", ae.StatusCode, ae.Hint != "")
+			return 0
+		}
+		if err != nil {
+			fmt.Println("error:", err)
+			return 1
+		}
+		fmt.Println("code=200")
+		return 0
+	case strings.HasPrefix(op, "hold:"):
+		n, _ := strconv.Atoi(strings.TrimPrefix(op, "hold:"))
+		var conns []net.Conn
+		for i := range n {
+			conn, err := net.Dial("unix", socket)
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "dial %d: %v\n", i, err)
+				break
+			}
+			if i%2 == 1 {
+				// The write may fail once the agent closed the connection.
+				conn.Write([]byte("GET /v1/events HTTP/1.1\r\nHost: agent\r\n\r\n"))
+			}
+			conns = append(conns, conn)
+		}
+		fmt.Printf("opened %d\n", len(conns))
+		io.Copy(io.Discard, os.Stdin)
+		for _, conn := range conns {
+			conn.Close()
+		}
+		return 0
+	}
+	fmt.Fprintf(os.Stderr, "unknown operation %q\n", op)
+	return 2
+}

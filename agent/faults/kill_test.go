@@ -1,0 +1,79 @@
+package faults
+
+import (
+	"math/rand/v2"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/queue"
+	"github.com/cloudprotect/cloudprotect/server/wire"
+)
+
+// The agent is killed (SIGKILL) at random points of an exec storm and
+// started again, many times. After every restart the queue opens without
+// being set aside, the agent answers, the count of the stormed program
+// never exceeds the executions that were attempted, and never goes below
+// what the queue had already acknowledged (GET /v1/queue commits first).
+func TestKillDuringExecStorm(t *testing.T) {
+	needRoot(t)
+	kills := scale(8, 60)
+	work := worldDir(t, "cloudprotect-faults-storm-")
+	prog, sum := uniqueProgram(t, work, "stormed")
+
+	a := newAgent(t, agentOpts{})
+	a.start()
+	a.participate()
+	a.waitCollecting()
+
+	s := startStorm(prog, 1, 2*time.Millisecond)
+	defer s.stop()
+	var acked uint64 // the count the queue showed last: durable
+	for i := range kills {
+		// A random point: let the storm run a while, sometimes hardly at all.
+		time.Sleep(time.Duration(rand.IntN(600)) * time.Millisecond)
+		if i%3 == 0 {
+			// Sometimes right after a commit was asked for.
+			a.queued()
+		}
+		a.kill()
+		if bad := a.corruptFiles(); len(bad) > 0 {
+			t.Fatalf("kill %d: files set aside before restart: %v", i+1, bad)
+		}
+		a.start()
+		if bad := a.corruptFiles(); len(bad) > 0 {
+			t.Fatalf("kill %d: the queue or the consent record was set aside on restart: %v\n%s", i+1, bad, tail(a.logText(), 20))
+		}
+		st := a.status()
+		if st.Participation.State != "participating" {
+			t.Fatalf("kill %d: state %s after restart, want participating", i+1, st.Participation.State)
+		}
+		a.waitCollecting()
+		_, recs := a.queued()
+		got := recs[sum].ExecCount
+		if attempts := uint64(s.Attempts.Load()); got > attempts {
+			t.Fatalf("kill %d: %d executions queued, only %d attempted", i+1, got, attempts)
+		}
+		if got < acked {
+			t.Fatalf("kill %d: %d executions queued, %d were acknowledged before the kill", i+1, got, acked)
+		}
+		acked = got
+	}
+	attempts := s.stop()
+	rec := a.waitRecord(sum, "the storm's last executions", func(r wire.Record) bool { return r.ExecCount > 0 })
+	if rec.ExecCount > uint64(attempts) || rec.ExecCount < acked {
+		t.Fatalf("final count %d, want between %d acknowledged and %d attempted", rec.ExecCount, acked, attempts)
+	}
+	a.stop()
+	// The file the agent left opens cleanly on its own.
+	q, err := queue.Open(filepath.Join(a.StateDir, "queue.db"), queue.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	q.Close()
+	if bad, _ := filepath.Glob(filepath.Join(a.StateDir, "*.corrupt-*")); len(bad) > 0 {
+		t.Fatalf("queue set aside when opened after the run: %v", bad)
+	}
+	t.Logf("kills survived: %d; executions attempted %d, counted %d (%.1f%%; the rest were buffered when killed or not yet seen)",
+		kills, attempts, rec.ExecCount, 100*float64(rec.ExecCount)/float64(attempts))
+}
