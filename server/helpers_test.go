@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/store/storetest"
@@ -156,9 +155,9 @@ func hashOf(s string) string {
 // record returns a valid record for the file named name.
 func record(name string, execs uint64) wire.Record {
 	return wire.Record{
-		Facts: identify.Facts{
+		Facts: wire.Facts{
 			SHA256: hashOf(name), Size: 4096, Path: "/usr/bin/" + name, Kind: "elf", PackageManaged: true,
-			ELF: &identify.ELF{Machine: "x86_64", Type: "dyn", PIE: true, Interpreter: "/lib64/ld-linux-x86-64.so.2"},
+			ELF: &wire.ELF{Machine: "x86_64", Type: "dyn", PIE: true, Interpreter: "/lib64/ld-linux-x86-64.so.2"},
 		},
 		ExecCount: execs,
 		FirstSeen: now.Add(-time.Hour),
@@ -197,7 +196,7 @@ func realisticRecords(n int, seed uint64) []wire.Record {
 		}
 		first := now.Add(-time.Duration(rng.IntN(900)) * time.Second)
 		r := wire.Record{
-			Facts: identify.Facts{
+			Facts: wire.Facts{
 				SHA256:         hex.EncodeToString(sum[:]),
 				Size:           int64(rng.IntN(50 << 20)),
 				Path:           dir + "/" + name,
@@ -213,7 +212,7 @@ func realisticRecords(n int, seed uint64) []wire.Record {
 			r.Kind = "script"
 			r.Interpreter = scripts[rng.IntN(len(scripts))]
 		} else {
-			r.ELF = &identify.ELF{Machine: "x86_64", Type: "dyn", PIE: true,
+			r.ELF = &wire.ELF{Machine: "x86_64", Type: "dyn", PIE: true,
 				Interpreter: "/lib64/ld-linux-x86-64.so.2", BuildID: hex.EncodeToString(build[:20])}
 		}
 		out[i] = r
