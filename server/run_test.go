@@ -148,6 +148,16 @@ func TestServe(t *testing.T) {
 			if resp.StatusCode != 200 {
 				t.Fatalf("healthz: %d", resp.StatusCode)
 			}
+			req, _ := http.NewRequest("GET", tc.scheme+"://"+a.String()+"/healthz", nil)
+			req.Header.Set("X-Padding", strings.Repeat("a", 64<<10))
+			resp, err = client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+				t.Fatalf("64 KiB of headers: %d; want 431", resp.StatusCode)
+			}
 			tr.CloseIdleConnections()
 			cancel()
 			if err := <-done; !errors.Is(err, context.Canceled) {
