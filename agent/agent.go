@@ -21,6 +21,8 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/queue"
+	"github.com/cloudprotect/cloudprotect/agent/reputation"
+	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/server/wire"
 )
 
@@ -89,10 +91,12 @@ type Agent struct {
 	hub     *localapi.Hub
 	started time.Time
 
-	queue *queue.Queue
-	ident *identify.Identifier
-	anon  *identify.Anonymizer
-	gate  gate
+	queue  *queue.Queue
+	upload *upload.Uploader
+	rep    *reputation.Checker
+	ident  *identify.Identifier
+	anon   *identify.Anonymizer
+	gate   gate
 	// dirty wakes the status publisher; one slot, never blocks.
 	dirty chan struct{}
 	// settle asks the collector to report once it applied consent.
@@ -158,9 +162,32 @@ func New(cfg Config) (*Agent, error) {
 		deferred: make(map[string]*deferredCounts),
 	}
 	a.ident = identify.New(identify.Options{Anonymizer: a.anon, Logger: cfg.Logger, OnDeferred: a.deferredDone})
+	a.upload, err = upload.New(upload.Options{
+		Queue:            queueForUpload{q},
+		StatePath:        filepath.Join(cfg.StateDir, upload.StateFile),
+		Server:           a.server,
+		Allowed:          cm.Collecting,
+		StatementVersion: a.statementVersion,
+		AgentVersion:     Version,
+		Logger:           cfg.Logger,
+		OnChange:         a.statusChanged,
+	})
+	if err == nil {
+		a.rep, err = reputation.New(reputation.Options{
+			Lookup:  a.upload,
+			Allowed: cm.Collecting,
+			Alert:   a.alert,
+			Logger:  cfg.Logger,
+		})
+	}
+	if err != nil {
+		q.Close()
+		ln.Close()
+		return nil, err
+	}
 	auth := localapi.OwnerOnly(os.Getuid())
 	if cfg.Mode == ModeSystem {
-		auth = localapi.RootOrGroup(func() string { return a.consent.View().AdminGroup })
+		auth = localapi.RootOrGroup(func() string { return a.consent.View().AdminGroupName() })
 	}
 	a.api = localapi.NewServer(ln, a, auth, cfg.Logger)
 	return a, nil
@@ -185,6 +212,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		service{"queue", a.queue.Serve},
 		service{"identify", a.ident.Serve},
 		service{"collect", a.collect},
+		service{"upload", a.upload.Serve},
+		service{"reputation", a.rep.Serve},
 	)
 	a.log.Info("agent stopped")
 	if errors.Is(err, context.Canceled) {
@@ -229,16 +258,62 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 	}
 }
 
-// afterBatch runs after events were queued.
+// afterBatch runs after events were queued: the uploader sends early when
+// enough is pending.
 func (a *Agent) afterBatch() {
+	a.upload.Nudge()
 	a.statusChanged()
 }
 
-// newHash is called for every identified file.
-func (a *Agent) newHash(f identify.Facts) {}
+// newHash is called for every identified file: its reputation is looked
+// up unless a fresh verdict is cached.
+func (a *Agent) newHash(f identify.Facts) { a.rep.Check(f.SHA256, f.Path) }
 
-// onForget runs when the person is not participating.
-func (a *Agent) onForget() {}
+// onForget runs whenever the person is not participating: the cloud is
+// asked to delete what it received from this installation (a durable
+// request, retried until confirmed), and pending lookups are dropped.
+func (a *Agent) onForget() {
+	if a.upload.Status().Registered {
+		if err := a.upload.Leave(); err != nil {
+			a.log.Error("queue deletion request", "err", err)
+		}
+	}
+	a.rep.Forget()
+}
+
+// onConsentChange wakes the parts that send, so they stop or start at once.
+func (a *Agent) onConsentChange() {
+	a.upload.Wake()
+	a.rep.Wake()
+}
+
+// alert publishes a reputation alert on the event stream.
+func (a *Agent) alert(al localapi.Alert) {
+	a.log.Warn("reputation alert", "program", al.Program, "path", al.Path, "verdict", al.Verdict, "sha256", al.SHA256)
+	a.hub.Publish(localapi.Event{Type: localapi.EventAlert, Time: time.Now().UTC(), Alert: &al})
+}
+
+// statementVersion is the statement version sent with uploads: the one
+// the person accepted, or the current one when the policy decided.
+func (a *Agent) statementVersion() int {
+	v := a.consent.View()
+	if v.AcceptedVersion > 0 {
+		return v.AcceptedVersion
+	}
+	return v.StatementVersion
+}
+
+// queueForUpload adapts the queue to what the uploader needs.
+type queueForUpload struct{ q *queue.Queue }
+
+func (u queueForUpload) TakeBatch(max int) (string, []wire.Record, error) {
+	b, err := u.q.TakeBatch(max)
+	return b.ID, b.Records, err
+}
+func (u queueForUpload) ReleaseBatch(id string) error { return u.q.ReleaseBatch(id) }
+func (u queueForUpload) MarkSent(id string) error     { return u.q.MarkSent(id) }
+func (u queueForUpload) DropBatch(id string) error    { return u.q.DropBatch(id) }
+func (u queueForUpload) Pending() int                 { return u.q.Stats().Pending }
 
 // Status implements localapi.Backend.
 func (a *Agent) Status() localapi.Status {
@@ -261,7 +336,7 @@ func (a *Agent) Status() localapi.Status {
 			Mode:    a.cfg.Mode,
 			Started: a.started,
 		},
-		Upload: localapi.UploadInfo{Server: a.server()},
+		Upload: a.upload.Status(),
 	}
 	if !v.Since.IsZero() {
 		since := v.Since
@@ -314,18 +389,23 @@ func (a *Agent) QueuePreview(ctx context.Context) (localapi.QueuePreview, error)
 	}
 	return localapi.QueuePreview{
 		Pending: a.queue.Stats().Pending,
-		Batch:   wire.Batch{StatementVersion: a.consent.View().AcceptedVersion, Records: recs},
+		Batch:   upload.NewBatch("", recs, a.statementVersion()),
 	}, nil
 }
 
-// Upload implements localapi.Backend.
+// Upload implements localapi.Backend: it sends pending statistics now.
 func (a *Agent) Upload(ctx context.Context) (localapi.UploadResult, error) {
-	if !a.consent.View().Collecting {
-		return localapi.UploadResult{}, &localapi.HTTPError{Code: http.StatusConflict,
+	res, err := a.upload.SendNow(ctx)
+	if errors.Is(err, upload.ErrNotParticipating) {
+		return res, &localapi.HTTPError{Code: http.StatusConflict,
 			Msg:  "not participating in the Security Network: nothing is collected or sent",
 			Hint: "run `cloudprotect participate` to take part"}
 	}
-	return localapi.UploadResult{Message: "nothing to send"}, nil
+	if err != nil {
+		return res, &localapi.HTTPError{Code: http.StatusBadGateway, Msg: "send statistics: " + err.Error(),
+			Hint: "the statistics stay queued and are sent later; `cloudprotect status` shows the next attempt"}
+	}
+	return res, nil
 }
 
 // Events implements localapi.Backend.

@@ -105,6 +105,7 @@ func (a *Agent) collect(ctx context.Context) error {
 				a.forget()
 			}
 		}
+		a.onConsentChange()
 		a.statusChanged()
 		for _, ch := range settled {
 			close(ch)

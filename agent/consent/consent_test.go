@@ -109,6 +109,9 @@ func TestTransitions(t *testing.T) {
 				}
 			}
 			v := m.View()
+			if m.Collecting() != v.Collecting {
+				t.Errorf("Collecting() = %v, view says %v", m.Collecting(), v.Collecting)
+			}
 			if v.State != tt.wantState || v.AcceptedVersion != tt.wantAccepted ||
 				v.Collecting != tt.wantCollecting || v.Locked != tt.wantLocked {
 				t.Errorf("view = %+v, want state %s accepted %d collecting %v locked %v",

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -34,9 +35,15 @@ type View struct {
 	Notice string
 	// Server is the policy's Security Network URL, if it sets one.
 	Server string
-	// AdminGroup is the group allowed to change participation.
+	// AdminGroup is the policy's group allowed to change participation;
+	// empty means the default (see AdminGroupName).
 	AdminGroup string
 }
+
+// AdminGroupName returns the group allowed to change participation: the
+// policy's, else "sudo" if that group exists, else "wheel". It reads the
+// group database, so it is for authorisation, not for hot paths.
+func (v View) AdminGroupName() string { return Policy{AdminGroup: v.AdminGroup}.AdminGroupName() }
 
 // LockedError is returned when the policy forbids the change.
 type LockedError struct {
@@ -85,6 +92,10 @@ type Manager struct {
 	log        *slog.Logger
 	now        func() time.Time
 
+	// collecting mirrors View().Collecting for hot paths; it is written
+	// under mu whenever the view may change.
+	collecting atomic.Bool
+
 	mu        sync.Mutex // protects the fields below
 	rec       Record
 	notice    string
@@ -124,6 +135,9 @@ func Open(opts Options) (*Manager, error) {
 	m.rec, m.notice = rec, notice
 	m.policy = Policy{Participation: PolicyUser}
 	m.ReloadPolicy()
+	m.mu.Lock()
+	m.notifyLocked()
+	m.mu.Unlock()
 	return m, nil
 }
 
@@ -146,7 +160,7 @@ func (m *Manager) viewLocked() View {
 		Since:            m.rec.Time,
 		Notice:           m.notice,
 		Server:           m.policy.Server,
-		AdminGroup:       m.policy.AdminGroupName(),
+		AdminGroup:       m.policy.AdminGroup,
 	}
 	if m.policyErr != nil {
 		v.PolicyError = m.policyErr.Error()
@@ -232,7 +246,12 @@ func (m *Manager) Subscribe() (<-chan struct{}, func()) {
 	}
 }
 
+// Collecting reports whether the agent may collect, queue and send. It
+// is cheap: a load of a flag kept up to date with the view.
+func (m *Manager) Collecting() bool { return m.collecting.Load() }
+
 func (m *Manager) notifyLocked() {
+	m.collecting.Store(m.viewLocked().Collecting)
 	for ch := range m.subs {
 		select {
 		case ch <- struct{}{}:
