@@ -59,6 +59,10 @@ commands:
   leave [--yes]         stop participating; pending statistics are deleted
   queue [--json]        show exactly what would be sent next
   send                  send pending statistics now
+  install [flags]       install cloudprotect (root); asks whether to participate
+                        (--participate, --no-participate, --no-consent, --no-start,
+                        --root DIR, --prefix DIR, --bin-dir DIR)
+  uninstall [flags]     remove it (root); --purge [--yes] also deletes its state
 `
 
 type command struct {
@@ -72,6 +76,8 @@ var commands = map[string]command{
 	"leave":       {cmdLeave},
 	"queue":       {cmdQueue},
 	"send":        {cmdSend},
+	"install":     {cmdInstall},
+	"uninstall":   {cmdUninstall},
 }
 
 type runner struct {
