@@ -18,6 +18,7 @@ stop() {
 	echo "stopping cloudprotect…"
 	for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 	wait 2>/dev/null || true
+	exit 0
 }
 trap stop INT TERM EXIT
 
