@@ -354,7 +354,13 @@ func TestNothingIsSentWithoutConsent(t *testing.T) {
 	if _, err := h.up.Lookup(context.Background(), []string{uploadtest.Record(0, 1, start).SHA256}); !errors.Is(err, upload.ErrNotParticipating) {
 		t.Fatalf("Lookup without consent = %v; want ErrNotParticipating", err)
 	}
-	h.runFor(3 * time.Hour)
+	// Nothing is scheduled: time passes without any timer to fire.
+	time.Sleep(20 * time.Millisecond)
+	if n := h.clk.Timers(); n != 0 {
+		t.Errorf("%d timers pending without consent and without deletions; want none", n)
+	}
+	h.clk.Advance(3 * time.Hour)
+	time.Sleep(20 * time.Millisecond)
 	if n := s.totalRequests(); n != 0 {
 		t.Fatalf("the server received %d requests without consent; want none", n)
 	}
