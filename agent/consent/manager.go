@@ -197,10 +197,19 @@ func (m *Manager) Set(participate bool, shown int, via Via, uid int) (View, erro
 		}
 		rec.State, rec.AcceptedVersion = Participating, shown
 	}
+	notice := ""
 	if err := m.store.Save(rec); err != nil {
-		return m.viewLocked(), fmt.Errorf("%w: %v", ErrSave, err)
+		// Leaving must take effect even when the record cannot be written
+		// (a full disk): the record is removed instead, which needs no
+		// space and reads back as Undecided, which collects nothing.
+		if participate || m.store.Remove() != nil {
+			return m.viewLocked(), fmt.Errorf("%w: %v", ErrSave, err)
+		}
+		m.log.Warn("consent record could not be saved; removed it so that nothing is collected after a restart", "err", err)
+		notice = fmt.Sprintf("Your choice to stop participating applies, but could not be saved (%v): "+
+			"you will be asked again after the agent restarts. Nothing is collected meanwhile.", err)
 	}
-	m.rec, m.notice = rec, ""
+	m.rec, m.notice = rec, notice
 	m.log.Info("participation changed", "state", rec.State, "accepted_version", rec.AcceptedVersion, "via", via, "uid", uid)
 	m.notifyLocked()
 	return m.viewLocked(), nil

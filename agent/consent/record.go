@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/internal/atomicfile"
@@ -101,9 +102,10 @@ func (r Record) validate() error {
 
 // Store keeps the consent record in a file.
 type Store struct {
-	path string
-	log  *slog.Logger
-	now  func() time.Time
+	path  string
+	write func(path string, data []byte, perm fs.FileMode) error // atomicfile.Write; tests fail it
+	log   *slog.Logger
+	now   func() time.Time
 }
 
 // NewStore returns a store for the record at path. A nil logger discards.
@@ -114,7 +116,7 @@ func NewStore(path string, log *slog.Logger, now func() time.Time) *Store {
 	if now == nil {
 		now = time.Now
 	}
-	return &Store{path: path, log: log, now: now}
+	return &Store{path: path, log: log, now: now, write: atomicfile.Write}
 }
 
 // Path returns the record's file.
@@ -153,6 +155,19 @@ func (s *Store) Load() (rec Record, notice string, err error) {
 	return undecided, notice, nil
 }
 
+// Remove deletes the record, so that it reads back as Undecided. It
+// needs no free space, so it works when Save cannot.
+func (s *Store) Remove() error {
+	if err := os.Remove(s.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove consent record: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(s.path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
 // Save replaces the record atomically.
 func (s *Store) Save(rec Record) error {
 	rec.FormatVersion = recordFormat
@@ -163,5 +178,5 @@ func (s *Store) Save(rec Record) error {
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(s.path, append(b, '\n'), 0o644)
+	return s.write(s.path, append(b, '\n'), 0o644)
 }
