@@ -37,9 +37,22 @@ lint:
 run: build
 	@bash dist/dev/run.sh $(BIN)
 
+# Installs with `cloudprotect install` (see docs/INSTALL.md): the programs,
+# the systemd unit, autostart and desktop entries, icons and man pages, then
+# asks about the Security Network on a terminal (INSTALL_FLAGS=--participate
+# or --no-participate answer for it). With DESTDIR it only stages the files.
+INSTALL_FLAGS ?=
 install: build
-	install -d $(DESTDIR)$(PREFIX)/bin
-	install -m 0755 $(addprefix $(BIN)/,$(COMMANDS)) $(DESTDIR)$(PREFIX)/bin/
+	$(BIN)/cloudprotect install --prefix $(PREFIX) --bin-dir $(BIN) $(if $(DESTDIR),--root $(DESTDIR) --no-consent) $(INSTALL_FLAGS)
+	install -m 0755 $(BIN)/cloudprotect-server $(DESTDIR)$(PREFIX)/bin/
+
+# The Debian package bin/cloudprotect_<version>_<arch>.deb, staged by the
+# same code as `cloudprotect install --prefix /usr` (needs dpkg-deb).
+.PHONY: deb
+deb:
+	@mkdir -p $(BIN)/deb
+	$(GO) build -trimpath -buildmode=pie -ldflags '$(LDFLAGS)' -o $(BIN)/deb/ ./cmd/cloudprotectd ./cmd/cloudprotect ./cmd/cloudprotect-tray
+	$(GO) run ./dist/mkdeb -bin $(BIN)/deb -out $(BIN) -version '$(VERSION)'
 
 # Every fuzz target for FUZZTIME each.
 fuzz:

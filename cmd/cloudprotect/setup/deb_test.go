@@ -204,3 +204,62 @@ func sameLines(a, b string) bool {
 	slices.Sort(y)
 	return slices.Equal(x, y)
 }
+
+// The maintainer scripts enable the service through deb-systemd-helper,
+// which works without a running systemd, and say what they could not start.
+// (postrm purge deletes /var/lib/cloudprotect, so it is not run here.)
+func TestMaintainerScripts(t *testing.T) {
+	t.Parallel()
+	if _, err := os.Stat("/run/systemd/system"); err == nil {
+		t.Skip("systemd runs here: the scripts would start and stop the real service")
+	}
+	tests := []struct {
+		script    string
+		args      []string
+		wantCalls string
+		wantOut   string
+	}{
+		{"postinst", []string{"configure"}, "deb-systemd-helper unmask cloudprotectd.service\n" +
+			"deb-systemd-helper --quiet was-enabled cloudprotectd.service\n" +
+			"deb-systemd-helper enable cloudprotectd.service\n", "systemd is not running here, so cloudprotectd was not started"},
+		{"postinst", []string{"configure", "1.0-1"}, "deb-systemd-helper unmask cloudprotectd.service\n" +
+			"deb-systemd-helper --quiet was-enabled cloudprotectd.service\n" +
+			"deb-systemd-helper enable cloudprotectd.service\n", ""},
+		{"postinst", []string{"triggered"}, "", ""},
+		{"prerm", []string{"remove"}, "", ""},
+		{"prerm", []string{"upgrade", "1.1-1"}, "", ""},
+		{"postrm", []string{"remove"}, "deb-systemd-helper mask cloudprotectd.service\n", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.script+" "+strings.Join(tt.args, " "), func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			log := filepath.Join(dir, "calls")
+			for _, helper := range []string{"deb-systemd-helper", "deb-systemd-invoke", "systemctl"} {
+				fake := "#!/bin/sh\necho " + helper + " \"$@\" >>" + log + "\n"
+				if err := os.WriteFile(filepath.Join(dir, helper), []byte(fake), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			script, err := dist.FS.ReadFile("debian/" + tt.script)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := filepath.Join(dir, tt.script)
+			os.WriteFile(p, script, 0o755)
+			cmd := exec.Command(p, tt.args...)
+			cmd.Env = append(os.Environ(), "PATH="+dir+":/usr/bin:/bin")
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("%v\n%s", err, out)
+			}
+			calls, _ := os.ReadFile(log)
+			if string(calls) != tt.wantCalls {
+				t.Errorf("calls:\n%s\nwant:\n%s", calls, tt.wantCalls)
+			}
+			if !strings.Contains(string(out), tt.wantOut) {
+				t.Errorf("output %q lacks %q", out, tt.wantOut)
+			}
+		})
+	}
+}
