@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -209,7 +210,7 @@ func TestBadVerdictsRaiseAlerts(t *testing.T) {
 	r.clk.Advance(2 * time.Second)
 	eventually(t, "two alerts", func() bool { return len(r.gotAlerts()) == 2 })
 	got := r.gotAlerts()
-	slices.SortFunc(got, func(a, b localapi.Alert) int { return len(b.Verdict) - len(a.Verdict) })
+	slices.SortFunc(got, func(a, b localapi.Alert) int { return strings.Compare(a.Verdict, b.Verdict) })
 	want := []localapi.Alert{
 		{SHA256: hash(1), Path: "~/Downloads/tool-1", Program: "tool-1", Verdict: wire.VerdictMalicious},
 		{SHA256: hash(2), Path: "~/Downloads/tool-2", Program: "tool-2", Verdict: wire.VerdictUntrusted},

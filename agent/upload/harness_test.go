@@ -413,7 +413,7 @@ func (h *harness) addRecords(from, n int, execs uint64) {
 
 func (h *harness) sendNow() (int, error) {
 	h.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	res, err := h.up.SendNow(ctx)
 	return res.Sent, err

@@ -51,13 +51,13 @@ func TestSendNowSendsEverythingInBatches(t *testing.T) {
 	s.clk = h.clk
 	h.start()
 	h.idle()
-	h.addRecords(0, 12_000, 2)
+	h.addRecords(0, 10_500, 2)
 
 	sent, err := h.sendNow()
-	if err != nil || sent != 12_000 {
-		t.Fatalf("SendNow = %d, %v; want 12000, nil", sent, err)
+	if err != nil || sent != 10_500 {
+		t.Fatalf("SendNow = %d, %v; want 10500, nil", sent, err)
 	}
-	wantAllDelivered(t, s, h, 12_000, 2)
+	wantAllDelivered(t, s, h, 10_500, 2)
 	if got := s.postCount(); got != 3 {
 		t.Errorf("%d batches posted; want 3 (at most 5,000 records each)", got)
 	}
@@ -65,8 +65,8 @@ func TestSendNowSendsEverythingInBatches(t *testing.T) {
 		t.Errorf("%d registrations; want 1", got)
 	}
 	st := h.up.Status()
-	if !st.Registered || st.RecordsSent != 12_000 || st.LastUpload == nil || st.LastError != "" {
-		t.Errorf("Status = %+v; want registered, 12000 sent, a last upload, no error", st)
+	if !st.Registered || st.RecordsSent != 10_500 || st.LastUpload == nil || st.LastError != "" {
+		t.Errorf("Status = %+v; want registered, 10500 sent, a last upload, no error", st)
 	}
 	fi, err := os.Stat(h.state)
 	if err != nil || fi.Mode().Perm() != 0o600 {
@@ -78,7 +78,7 @@ func TestSendNowSendsEverythingInBatches(t *testing.T) {
 	h.open()
 	h.start()
 	h.idle()
-	h.addRecords(12_000, 10, 1)
+	h.addRecords(10_500, 10, 1)
 	if sent, err := h.sendNow(); err != nil || sent != 10 {
 		t.Fatalf("SendNow after restart = %d, %v", sent, err)
 	}
