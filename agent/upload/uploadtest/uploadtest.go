@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/server/wire"
 )
@@ -332,7 +331,7 @@ func Record(n int, execs uint64, seen time.Time) wire.Record {
 	r.Kind = wire.KindELF
 	r.Path = fmt.Sprintf("/usr/bin/program-%d", n)
 	r.PackageManaged = true
-	r.ELF = &identify.ELF{
+	r.ELF = &wire.ELF{
 		Machine:     "x86_64",
 		Type:        "dyn",
 		PIE:         true,
