@@ -134,6 +134,10 @@ type agentProc struct {
 	env      []string
 	logPath  string
 
+	// cloud, when set, is where sent records are counted: a record
+	// may leave the queue for it at any time.
+	cloud *cloud
+
 	cmd    *exec.Cmd
 	exited chan struct{}
 	Client *localapi.Client
@@ -601,3 +605,61 @@ func output(t *testing.T, cmd *exec.Cmd) string {
 
 // needRoot skips (or fails in CI) unless the test runs as root.
 func needRoot(t *testing.T) { testenv.NeedRoot(t) }
+
+// waitWatching waits until executions are really seen: the status names
+// the exec source a moment before its kernel marks are in place, so a
+// probe program is run until its record appears.
+func (a *agentProc) waitWatching(work string) {
+	a.t.Helper()
+	a.waitCollecting()
+	prog, sum := uniqueProgram(a.t, work, "probe")
+	defer os.Remove(prog)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		runN(a.t, prog, 1)
+		if a.seen(sum) > 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("executions not seen 20s after collection started")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// seen returns the executions of sha the agent counted: queued, plus sent
+// to the cloud when there is one. With a cloud, it first asks for an
+// upload: while a batch cut before a restart is in flight, the preview
+// shows only that batch, and the record may be behind it.
+func (a *agentProc) seen(sha string) uint64 {
+	a.t.Helper()
+	if a.cloud != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		a.Client.Upload(ctx)
+		cancel()
+	}
+	_, m := a.queued()
+	n := m[sha].ExecCount
+	if a.cloud != nil {
+		n += uint64(a.cloud.counts(a.t)[sha])
+	}
+	return n
+}
+
+// waitSeen waits until the agent counted exactly n executions of sha
+// (queued or sent). A read taken while a batch moves from the queue to
+// the cloud may count it twice; the next one does not.
+func (a *agentProc) waitSeen(sha string, n uint64, what string) {
+	a.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		got := a.seen(sha)
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("timed out waiting for %s: %d executions counted, want %d", what, got, n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

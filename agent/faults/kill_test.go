@@ -1,11 +1,14 @@
 package faults
 
 import (
+	"context"
+	"fmt"
 	"math/rand/v2"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/queue"
 	"github.com/cloudprotect/cloudprotect/server/wire"
 )
@@ -76,4 +79,64 @@ func TestKillDuringExecStorm(t *testing.T) {
 	}
 	t.Logf("kills survived: %d; executions attempted %d, counted %d (%.1f%%; the rest were buffered when killed or not yet seen)",
 		kills, attempts, rec.ExecCount, 100*float64(rec.ExecCount)/float64(attempts))
+}
+
+// The agent is killed at random points of uploads to the real reference
+// cloud, many times. Each round runs a new program exactly n times, waits
+// until the queue acknowledged them, starts an upload and kills the agent
+// during it. At the end, after a last full upload, the cloud holds
+// exactly n executions of every round's program: nothing lost, nothing
+// counted twice.
+func TestKillDuringUpload(t *testing.T) {
+	needRoot(t)
+	const n = 5
+	rounds := scale(8, 50)
+	srv := startCloud(t)
+	work := worldDir(t, "cloudprotect-faults-upload-")
+	a := newAgent(t, agentOpts{Server: srv.URL})
+	a.cloud = srv
+	a.start()
+	a.participate()
+	a.waitWatching(work)
+
+	sums := make([]string, rounds)
+	for i := range rounds {
+		var prog string
+		prog, sums[i] = uniqueProgram(t, work, fmt.Sprintf("round%02d", i))
+		runN(t, prog, n)
+		a.waitSeen(sums[i], n, "the round's executions")
+		// Upload, and kill somewhere in it: before, during or after the
+		// request, between the server's answer and the queue's update.
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c := localapi.NewClient(a.Socket)
+			defer c.Close()
+			c.Upload(ctx)
+		}()
+		time.Sleep(time.Duration(rand.IntN(120)) * time.Millisecond)
+		a.kill()
+		a.start()
+		if bad := a.corruptFiles(); len(bad) > 0 {
+			t.Fatalf("round %d: files set aside: %v", i, bad)
+		}
+		a.waitWatching(work)
+	}
+	a.drain()
+	got := srv.counts(t)
+	lost, doubled := 0, 0
+	for i, sum := range sums {
+		switch c := got[sum]; {
+		case c < n:
+			lost++
+			t.Errorf("round %d: the cloud holds %d executions, want %d (lost)", i, c, n)
+		case c > n:
+			doubled++
+			t.Errorf("round %d: the cloud holds %d executions, want %d (counted twice)", i, c, n)
+		}
+	}
+	if srv.installations(t) != 1 {
+		t.Errorf("the cloud knows %d installations, want 1", srv.installations(t))
+	}
+	t.Logf("kills during uploads: %d; programs lost %d, counted twice %d", rounds, lost, doubled)
 }
