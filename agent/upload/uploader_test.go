@@ -114,7 +114,7 @@ func TestFaultsLoseNothingAndDoNotBusyLoop(t *testing.T) {
 			s := newScripted(t, nil)
 			h := newHarness(t, s.srv.URL, func(o *upload.Options) {
 				if tt.mode == modeSlow {
-					o.Client.ResponseHeaderTimeout = time.Second
+					o.Client.ResponseHeaderTimeout = 2 * time.Second
 				}
 			})
 			s.clk = h.clk
