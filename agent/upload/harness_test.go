@@ -432,12 +432,3 @@ func eventually(t *testing.T, what string, cond func() bool) {
 }
 
 func newDiscardLog() *log.Logger { return log.New(io.Discard, "", 0) }
-
-func readAll(t *testing.T, r io.Reader) string {
-	t.Helper()
-	b, err := io.ReadAll(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(b)
-}

@@ -25,9 +25,9 @@ import (
 var agentBin string
 
 func TestMain(m *testing.M) {
-	os.Exit(testscript.RunMain(m, map[string]func() int{
-		"cloudprotect": func() int { return cli.Main(os.Args[1:], cli.OSEnv()) },
-	}))
+	testscript.Main(m, map[string]func(){
+		"cloudprotect": func() { os.Exit(cli.Main(os.Args[1:], cli.OSEnv())) },
+	})
 }
 
 func buildAgent(t *testing.T) string {

@@ -122,7 +122,7 @@ func Open(ctx context.Context, dsn string, log *slog.Logger) (Store, error) {
 	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
 		return openPostgres(ctx, dsn, log)
 	}
-	return nil, fmt.Errorf("open store: unknown database %q: want sqlite:PATH or postgres://...", redact(dsn))
+	return nil, fmt.Errorf("open store: unknown database %q: want sqlite:PATH or postgres://HOST/DB", redact(dsn))
 }
 
 // redact hides a password in a DSN for error messages.
