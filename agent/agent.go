@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -351,7 +352,17 @@ func (a *Agent) Status() localapi.Status {
 			s1, s2 := a.running.source.Stats(), a.running.loaded.Stats()
 			st.Agent.EventsSeen, st.Agent.EventsLost = s1.Events+s2.Events, s1.Lost+s2.Lost
 		}
-		st.Agent.Limited, st.Agent.LimitedReason = a.limited, a.limitedReason
+		var why []string
+		if a.limited {
+			why = append(why, a.limitedReason)
+		}
+		if st.Agent.EventsLost > 0 {
+			why = append(why, fmt.Sprintf("%d executions were missed because the agent fell behind", st.Agent.EventsLost))
+		}
+		if qs.Evicted > 0 {
+			why = append(why, fmt.Sprintf("the statistics queue was full and dropped %d records", qs.Evicted))
+		}
+		st.Agent.Limited, st.Agent.LimitedReason = len(why) > 0, strings.Join(why, "; ")
 	}
 	a.mu.Unlock()
 	return st
