@@ -128,3 +128,18 @@ func (a *agentProc) drain() {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// loaded reports whether the cloud holds sha as a loaded file.
+func (c *cloud) loaded(t *testing.T, sha string) bool {
+	t.Helper()
+	db, err := sql.Open("sqlite", "file:"+c.db+"?mode=ro&_pragma=busy_timeout(5000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var n int
+	if err := db.QueryRow(`SELECT COUNT(*) FROM stats WHERE sha256 = ? AND loaded != 0`, sha).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n > 0
+}
