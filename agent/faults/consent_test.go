@@ -1,6 +1,7 @@
 package faults
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -8,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/server/wire"
 )
 
@@ -80,4 +82,85 @@ func kernelWatches(t *testing.T, pid int) int {
 		}
 	}
 	return n
+}
+
+// Consent withdrawn while a batch is on its way to the cloud, by the
+// person (leave) or by the administrator (policy off): after the change
+// is applied no statistics or lookups go out, the queue is empty, and
+// once the held batch lands the cloud deletes the installation with it.
+func TestWithdrawDuringUpload(t *testing.T) {
+	needRoot(t)
+	for _, how := range []string{"leave", "policy"} {
+		t.Run(how, func(t *testing.T) {
+			srv := startCloud(t)
+			front := startHostileFront(t, srv.URL)
+			work := worldDir(t, "cloudprotect-faults-withdraw-")
+			a := newAgent(t, agentOpts{Server: front.srv.URL})
+			a.cloud = srv
+			a.start()
+			a.participate()
+			a.waitWatching(work)
+			a.drain()
+
+			prog, sum := uniqueProgram(t, work, "inflight")
+			runN(t, prog, 4)
+			a.waitRecord(sum, "the program", func(r wire.Record) bool { return r.ExecCount == 4 })
+			front.set("hold")
+			upDone := make(chan error, 1)
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+				defer cancel()
+				c := localapi.NewClient(a.Socket)
+				defer c.Close()
+				_, err := c.Upload(ctx)
+				upDone <- err
+			}()
+			deadline := time.Now().Add(20 * time.Second)
+			for front.holding() == 0 {
+				if time.Now().After(deadline) {
+					t.Fatal("the upload did not reach the server")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			// Withdraw while the batch is held.
+			switch how {
+			case "leave":
+				a.leave()
+			case "policy":
+				os.WriteFile(a.Policy, []byte(`{"participation":"off"}`), 0o644)
+				a.waitStatus("the policy to apply", func(s localapi.Status) bool { return !s.Participation.Collecting })
+			}
+			withdrawn := time.Now()
+			// The purge follows the policy change at once (the answer to a
+			// leave waits for it).
+			a.waitStatus("the queue to be purged", func(s localapi.Status) bool { return s.Queue.Records == 0 })
+			st := a.status()
+			if st.Queue.Records != 0 || st.Participation.Collecting {
+				t.Fatalf("after withdrawing: collecting=%v records=%d", st.Participation.Collecting, st.Queue.Records)
+			}
+			// Programs keep running; the held batch is let through.
+			runN(t, prog, 3)
+			front.unhold()
+			front.set("good")
+			<-upDone
+			a.waitStatus("the deletion to be confirmed", func(s localapi.Status) bool {
+				return !s.Upload.DeletionPending && !s.Upload.Registered
+			})
+			time.Sleep(1500 * time.Millisecond) // a queue commit's time for anything left to show
+			for _, ar := range front.since(withdrawn) {
+				if ar.method != "DELETE" {
+					t.Errorf("%s %s reached the server after consent was withdrawn", ar.method, ar.path)
+				}
+			}
+			if n := srv.installations(t); n != 0 {
+				t.Errorf("the cloud still knows %d installations", n)
+			}
+			if c := srv.counts(t); len(c) != 0 {
+				t.Errorf("the cloud still holds statistics of %d files", len(c))
+			}
+			if q, recs := a.queued(); q.Pending != 0 || len(recs) != 0 || a.status().Queue.Records != 0 {
+				t.Errorf("the queue holds %d records after withdrawing", len(recs))
+			}
+		})
+	}
 }
