@@ -8,7 +8,7 @@ COMMANDS := cloudprotectd cloudprotect cloudprotect-tray cloudprotect-server
 PREFIX   ?= /usr/local
 FUZZTIME ?= 10s
 
-.PHONY: all build test bench lint run install fuzz icons clean
+.PHONY: all build test bench lint run install fuzz icons clean faults soak
 
 all: build
 
@@ -53,6 +53,20 @@ deb:
 	@mkdir -p $(BIN)/deb
 	$(GO) build -trimpath -buildmode=pie -ldflags '$(LDFLAGS)' -o $(BIN)/deb/ ./cmd/cloudprotectd ./cmd/cloudprotect ./cmd/cloudprotect-tray
 	$(GO) run ./dist/mkdeb -bin $(BIN)/deb -out $(BIN) -version '$(VERSION)'
+
+# The fault suite (agent/faults, needs root): the real binaries killed
+# during exec storms and uploads, a full disk, hostile files, clients and
+# servers, consent withdrawn mid-upload, every byte sent checked for
+# privacy. FAULTS=full for the long form (60 kills, more loops).
+FAULTS   ?= ci
+faults:
+	CLOUDPROTECT_FAULTS=$(FAULTS) $(GO) test -count=1 -v -timeout 30m ./agent/faults
+
+# A mixed run of SOAKTIME sampling the agent's memory, descriptors and
+# threads, which must stay flat (needs root); figures in docs/SECURITY.md.
+SOAKTIME ?= 10m
+soak:
+	CLOUDPROTECT_SOAK=$(SOAKTIME) $(GO) test -count=1 -v -run '^TestSoak$$' -timeout 60m ./agent/faults
 
 # Every fuzz target for FUZZTIME each.
 fuzz:

@@ -19,7 +19,8 @@ const nobody = 65534
 
 // Another local user may read the status and nothing more.
 func TestOtherUserRefused(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
+	t.Parallel()
 	a := newAgent(t, agentOpts{System: true})
 	a.start()
 	if got := output(t, runAs(t, nobody, nobody, a.Socket, "status", nil)); got != "state=undecided can_change=false" {
@@ -36,7 +37,8 @@ func TestOtherUserRefused(t *testing.T) {
 // Requests no client sends: each gets an error answer or a closed
 // connection, never a change, and the agent answers the next client.
 func TestMalformedRequests(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
+	t.Parallel()
 	a := newAgent(t, agentOpts{System: true})
 	a.start()
 	big := strings.Repeat("x", 1<<20)
@@ -55,6 +57,7 @@ func TestMalformedRequests(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
 			conn, err := net.Dial("unix", a.Socket)
 			if err != nil {
 				t.Fatal(err)
@@ -71,21 +74,25 @@ func TestMalformedRequests(t *testing.T) {
 				t.Errorf("answered %q to a malformed request", strings.TrimSpace(line))
 			}
 			conn.Close()
-			if st := a.status(); st.Participation.State != "undecided" {
-				t.Fatalf("state changed to %s", st.Participation.State)
+			st, err := a.Client.Status(t.Context())
+			if err != nil || st.Participation.State != "undecided" {
+				t.Fatalf("after the request: state %q, %v", st.Participation.State, err)
 			}
 		})
 	}
-	if hwm := readProc(t, a.pid()).HWMKiB; hwm > 256<<10 {
-		t.Errorf("peak memory %d KiB after malformed requests, want under 256 MiB", hwm)
-	}
+	t.Cleanup(func() {
+		if hwm := readProc(t, a.pid()).HWMKiB; hwm > 256<<10 {
+			t.Errorf("peak memory %d KiB after malformed requests, want under 256 MiB", hwm)
+		}
+	})
 }
 
 // Thousands of idle connections and never-read event streams from one
 // unprivileged user: the agent keeps answering root and other users, and
 // its descriptors and memory stay bounded.
 func TestIdleConnectionFlood(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
+	t.Parallel()
 	n := scale(3000, 15000)
 	a := newAgent(t, agentOpts{System: true})
 	a.start()
@@ -134,7 +141,8 @@ func TestIdleConnectionFlood(t *testing.T) {
 // agent answers changes at once, a client that reads gets every event,
 // and memory stays bounded.
 func TestSlowEventReaders(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
+	t.Parallel()
 	changes := scale(20, 200)
 	a := newAgent(t, agentOpts{System: true})
 	a.start()

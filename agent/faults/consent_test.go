@@ -18,7 +18,7 @@ import (
 // after the last one nothing more is collected: the same program run
 // again leaves no record and no kernel watch stays open.
 func TestParticipateLeaveLoop(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
 	loops := scale(25, 200)
 	work := worldDir(t, "cloudprotect-faults-consent-")
 	prog, sum := uniqueProgram(t, work, "looped")
@@ -89,7 +89,8 @@ func kernelWatches(t *testing.T, pid int) int {
 // is applied no statistics or lookups go out, the queue is empty, and
 // once the held batch lands the cloud deletes the installation with it.
 func TestWithdrawDuringUpload(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
+	t.Parallel()
 	for _, how := range []string{"leave", "policy"} {
 		t.Run(how, func(t *testing.T) {
 			srv := startCloud(t)

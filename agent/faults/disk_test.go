@@ -54,7 +54,7 @@ func fill(t *testing.T, dir string) string {
 // why in its log, keeps what it could not write in memory and writes it
 // when space returns; the queue is never set aside as damaged.
 func TestDiskFull(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
 	state := mountTmpfs(t, 2<<20)
 	a := newAgent(t, agentOpts{StateDir: state})
 	a.start()
@@ -109,7 +109,7 @@ func TestDiskFull(t *testing.T) {
 // for good (the consent record cannot be written, so it is removed), and
 // deletes the pending statistics from the disk.
 func TestLeaveWithFullDisk(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
 	state := mountTmpfs(t, 2<<20)
 	a := newAgent(t, agentOpts{StateDir: state})
 	a.start()

@@ -20,7 +20,7 @@ import (
 // agent neither hangs nor crashes, its peak memory stays bounded, and
 // afterwards it still counts programs and identifies large files.
 func TestHostileFiles(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
 	a := newAgent(t, agentOpts{})
 	a.start()
 	a.participate()

@@ -603,8 +603,16 @@ func output(t *testing.T, cmd *exec.Cmd) string {
 	return strings.TrimSpace(buf.String())
 }
 
-// needRoot skips (or fails in CI) unless the test runs as root.
-func needRoot(t *testing.T) { testenv.NeedRoot(t) }
+// faultCase starts a case of the fault suite: it runs under `make
+// faults` (CLOUDPROTECT_FAULTS=ci or full), not in `make test`, and needs
+// root: without it, it skips, or fails under CI=true.
+func faultCase(t *testing.T) {
+	t.Helper()
+	if os.Getenv("CLOUDPROTECT_FAULTS") == "" {
+		t.Skip("a case of the fault suite: run `make faults` (CLOUDPROTECT_FAULTS=ci, or full for the long form)")
+	}
+	testenv.NeedRoot(t)
+}
 
 // waitWatching waits until executions are really seen: the status names
 // the exec source a moment before its kernel marks are in place, so a

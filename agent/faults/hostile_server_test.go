@@ -203,7 +203,8 @@ func (h *hostileFront) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // and loses nothing: once the server behaves, every execution arrives
 // exactly once.
 func TestHostileServer(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
+	t.Parallel()
 	const n = 3
 	srv := startCloud(t)
 	front := startHostileFront(t, srv.URL)
@@ -287,7 +288,8 @@ func TestHostileServer(t *testing.T) {
 // A server whose certificate cannot be verified: nothing is sent to it,
 // the agent says why and keeps the statistics.
 func TestServerTLSFailure(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
+	t.Parallel()
 	var reached atomic.Int64
 	tlsSrv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		reached.Add(1)

@@ -19,7 +19,7 @@ import (
 // never exceeds the executions that were attempted, and never goes below
 // what the queue had already acknowledged (GET /v1/queue commits first).
 func TestKillDuringExecStorm(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
 	kills := scale(8, 60)
 	work := worldDir(t, "cloudprotect-faults-storm-")
 	prog, sum := uniqueProgram(t, work, "stormed")
@@ -88,7 +88,7 @@ func TestKillDuringExecStorm(t *testing.T) {
 // exactly n executions of every round's program: nothing lost, nothing
 // counted twice.
 func TestKillDuringUpload(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
 	const n = 5
 	rounds := scale(8, 50)
 	srv := startCloud(t)

@@ -206,7 +206,7 @@ func jsonKeys(v any, prefix string, out map[string]bool) {
 // endpoints are the API's; and after leaving, only the deletion request
 // goes out.
 func TestPrivacyEveryByteSent(t *testing.T) {
-	needRoot(t)
+	faultCase(t)
 	user := "alice-test-" + strings.ToLower(rand.Text()[:8])
 	home := filepath.Join("/home", user)
 	if err := os.MkdirAll(filepath.Join(home, "Downloads"), 0o755); err != nil {
