@@ -26,11 +26,12 @@ var errDamaged = errors.New("queue file damaged")
 func Open(path string, opts Options) (*Queue, error) {
 	opts.setDefaults()
 	q := &Queue{
-		path: path,
-		opts: opts,
-		log:  opts.Logger.With("queue", path),
-		buf:  make(map[[32]byte]delta),
-		kick: make(chan struct{}, 1),
+		path:  path,
+		opts:  opts,
+		log:   opts.Logger.With("queue", path),
+		buf:   make(map[[32]byte]delta),
+		kick:  make(chan struct{}, 1),
+		dirty: make(chan struct{}, 1),
 	}
 	err := q.open()
 	if errors.Is(err, errDamaged) {

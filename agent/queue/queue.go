@@ -140,7 +140,8 @@ type Queue struct {
 	inflight *Batch
 	salt     []byte
 
-	kick chan struct{} // one slot: asks Serve to commit early
+	kick  chan struct{} // one slot: asks Serve to commit early
+	dirty chan struct{} // one slot: tells Serve something was buffered
 
 	// Counters read by Stats without a lock.
 	nPending, nRecords atomic.Int64
@@ -233,6 +234,13 @@ func (q *Queue) Add(ev Event) error {
 	n := len(q.buf)
 	q.mu.Unlock()
 
+	if n == 1 && !ok {
+		// The buffer was empty: Serve arms its commit timer.
+		select {
+		case q.dirty <- struct{}{}:
+		default:
+		}
+	}
 	if n >= q.opts.CommitEvents {
 		select {
 		case q.kick <- struct{}{}:
@@ -441,8 +449,15 @@ func (q *Queue) Stats() Stats {
 // it commits once more and returns ctx.Err(). A failed commit is logged
 // and retried at the next tick.
 func (q *Queue) Serve(ctx context.Context) error {
-	t := time.NewTicker(q.opts.CommitInterval)
-	defer t.Stop()
+	// The commit timer runs only while something is buffered: an idle
+	// queue never wakes up.
+	var timer *time.Timer
+	var due <-chan time.Time
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
@@ -450,8 +465,19 @@ func (q *Queue) Serve(ctx context.Context) error {
 				q.log.Warn("final queue commit failed", "err", err)
 			}
 			return ctx.Err()
-		case <-t.C:
+		case <-q.dirty:
+			if due == nil {
+				timer = time.NewTimer(q.opts.CommitInterval)
+				due = timer.C
+			}
+			continue
+		case <-due:
+			due = nil
 		case <-q.kick:
+			if timer != nil {
+				timer.Stop()
+			}
+			due = nil
 		}
 		if err := q.Flush(); err != nil && !errors.Is(err, ErrClosed) {
 			q.log.Warn("queue commit failed", "err", err)
