@@ -12,7 +12,6 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/queue"
-	"github.com/cloudprotect/cloudprotect/server/wire"
 )
 
 // mountTmpfs mounts a tmpfs of size bytes on a fresh folder, unmounted
@@ -56,11 +55,11 @@ func fill(t *testing.T, dir string) string {
 func TestDiskFull(t *testing.T) {
 	faultCase(t)
 	state := mountTmpfs(t, 2<<20)
-	a := newAgent(t, agentOpts{StateDir: state})
+	a := newAgent(t, agentOpts{StateDir: state, Cloud: startCloud(t)})
+	work := worldDir(t, "cloudprotect-faults-disk-")
 	a.start()
 	a.participate()
-	a.waitCollecting()
-	work := worldDir(t, "cloudprotect-faults-disk-")
+	a.waitWatching(work)
 
 	filler := fill(t, state)
 	n := scale(60, 400)
@@ -87,7 +86,7 @@ func TestDiskFull(t *testing.T) {
 	// Space returns: everything that was executed meanwhile is written.
 	os.Remove(filler)
 	for _, sum := range sums {
-		a.waitRecord(sum, "a program run while the disk was full", func(r wire.Record) bool { return r.ExecCount == 1 })
+		a.waitSeen(sum, 1, "a program run while the disk was full")
 	}
 	if bad := a.corruptFiles(); len(bad) > 0 {
 		t.Fatalf("files set aside: %v", bad)

@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/cloudprotect/cloudprotect/server/wire"
 )
 
 // Hostile files in the watched download folder and executed: huge and
@@ -21,13 +19,13 @@ import (
 // afterwards it still counts programs and identifies large files.
 func TestHostileFiles(t *testing.T) {
 	faultCase(t)
-	a := newAgent(t, agentOpts{})
+	a := newAgent(t, agentOpts{Cloud: startCloud(t)})
+	work := worldDir(t, "cloudprotect-faults-files-")
 	a.start()
 	a.participate()
-	a.waitCollecting()
+	a.waitWatching(work)
 	pid := a.pid()
 	dl := filepath.Join(a.Home, "Downloads")
-	work := worldDir(t, "cloudprotect-faults-files-")
 
 	// Huge and sparse: over the size limit, and large enough to be hashed
 	// in the background (zeros cost no disk).
@@ -136,12 +134,12 @@ func TestHostileFiles(t *testing.T) {
 	// Still counting: a fresh program executed three times...
 	prog, sum := uniqueProgram(t, work, "canary")
 	runN(t, prog, 3)
-	a.waitRecord(sum, "the canary's three executions", func(r wire.Record) bool { return r.ExecCount == 3 })
+	a.waitSeen(sum, 3, "the canary's three executions")
 	// ...and still identifying large files in the background.
-	a.waitRecord(bigSum, "the 100 MiB sparse download", func(r wire.Record) bool { return r.Loaded })
+	a.waitLoaded(bigSum, "the 100 MiB sparse download")
 	// A download that arrives now is seen too.
 	_, dlSum := uniqueProgram(t, dl, "late-download")
-	a.waitRecord(dlSum, "a download after the hostile files", func(r wire.Record) bool { return r.Loaded })
+	a.waitLoaded(dlSum, "a download after the hostile files")
 
 	// The huge file, the FIFOs and the devices left no record.
 	_, recs := a.queued()

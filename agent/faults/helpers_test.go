@@ -34,7 +34,13 @@ func TestMain(m *testing.M) {
 	if op := os.Getenv(childEnv); op != "" {
 		os.Exit(child(op, os.Getenv("CLOUDPROTECT_SOCKET")))
 	}
+	if os.Getenv("CLOUDPROTECT_FAULTS") != "" {
+		copyClient()
+	}
 	code := m.Run()
+	if clientBin != "" {
+		os.RemoveAll(filepath.Dir(clientBin))
+	}
 	if binDir != "" && os.Getenv("CLOUDPROTECT_FAULTS_BIN") == "" {
 		os.RemoveAll(binDir)
 	}
@@ -154,6 +160,9 @@ type agentOpts struct {
 	Home string
 	// Server is the Security Network URL (default: nothing listens).
 	Server string
+	// Cloud, when set, is the server: records may leave the queue for it,
+	// and the helpers count them there too.
+	Cloud *cloud
 }
 
 // newAgent prepares an agent in a fresh folder; start runs it.
@@ -175,8 +184,16 @@ func newAgent(t *testing.T, o agentOpts) *agentProc {
 		a.StateDir = filepath.Join(dir, "state")
 	}
 	if a.Home == "" {
-		a.Home = filepath.Join(dir, "home")
+		// Not ".../home/...": the cloud refuses paths holding "/home/"
+		// anywhere (see TestPathRefusedByCloudDropsBatch).
+		a.Home = filepath.Join(dir, "person")
 		os.MkdirAll(filepath.Join(a.Home, "Downloads"), 0o755)
+	}
+	if o.Cloud != nil {
+		a.cloud = o.Cloud
+		if a.Server == "" {
+			a.Server = o.Cloud.URL
+		}
 	}
 	if a.Server == "" {
 		a.Server = "http://127.0.0.1:1"
@@ -570,20 +587,11 @@ func (s *storm) stop() int64 {
 // folder every user can read.
 func runAs(t *testing.T, uid, gid int, socket string, op string, stdin *os.File) *exec.Cmd {
 	t.Helper()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
+	copyClient()
+	if clientBin == "" {
+		t.Fatal("cannot copy the test binary for another user")
 	}
-	dir := worldDir(t, "cloudprotect-faults-client-")
-	bin := filepath.Join(dir, "client")
-	b, err := os.ReadFile(exe)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(bin, b, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "-test.run=^$")
+	cmd := exec.Command(clientBin, "-test.run=^$")
 	cmd.Env = []string{childEnv + "=" + op, "CLOUDPROTECT_SOCKET=" + socket}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
 	if stdin != nil {
@@ -591,6 +599,32 @@ func runAs(t *testing.T, uid, gid int, socket string, op string, stdin *os.File)
 	}
 	return cmd
 }
+
+// copyClient copies this test binary where every user can run it. It runs
+// from TestMain before any test, so that no process forked meanwhile holds
+// the copy's write descriptor (which makes exec fail with "text file busy").
+func copyClient() {
+	clientOnce.Do(func() {
+		exe, err := os.Executable()
+		if err != nil {
+			return
+		}
+		dir, err := os.MkdirTemp("", "cloudprotect-faults-client-")
+		if err != nil {
+			return
+		}
+		os.Chmod(dir, 0o755)
+		b, err := os.ReadFile(exe)
+		if err == nil && os.WriteFile(filepath.Join(dir, "client"), b, 0o755) == nil {
+			clientBin = filepath.Join(dir, "client")
+		}
+	})
+}
+
+var (
+	clientOnce sync.Once
+	clientBin  string
+)
 
 // output runs cmd and returns its trimmed output, failing on error.
 func output(t *testing.T, cmd *exec.Cmd) string {
@@ -667,6 +701,22 @@ func (a *agentProc) waitSeen(sha string, n uint64, what string) {
 		}
 		if time.Now().After(deadline) {
 			a.t.Fatalf("timed out waiting for %s: %d executions counted, want %d", what, got, n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// waitLoaded waits until sha is known as a loaded file, queued or sent.
+func (a *agentProc) waitLoaded(sha, what string) {
+	a.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		a.seen(sha) // uploads first, when there is a cloud
+		if _, m := a.queued(); m[sha].Loaded || (a.cloud != nil && a.cloud.loaded(a.t, sha)) {
+			return
+		}
+		if time.Now().After(deadline) {
+			a.t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

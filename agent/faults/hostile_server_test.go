@@ -7,6 +7,8 @@ import (
 	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -317,3 +319,56 @@ func TestServerTLSFailure(t *testing.T) {
 		t.Errorf("status does not say why uploads fail: %+v", st.Upload)
 	}
 }
+
+// One program whose path the cloud refuses (it holds "/home/" or
+// "/root/" somewhere the anonymiser does not rewrite, such as a chroot
+// or a build tree: /srv/chroot/home/tool) must not take the statistics
+// of every other program in its batch down with it.
+func TestPathRefusedByCloudDropsBatch(t *testing.T) {
+	faultCase(t)
+	srv := startCloud(t)
+	work := worldDir(t, "cloudprotect-faults-badpath-")
+	a := newAgent(t, agentOpts{Cloud: srv})
+	a.start()
+	a.participate()
+	a.waitWatching(work)
+	a.drain()
+
+	odd := filepath.Join(work, "chroot", "home", "tool")
+	os.MkdirAll(filepath.Dir(odd), 0o755)
+	oddProg, _ := uniqueProgram(t, filepath.Dir(odd), "tool")
+	var sums []string
+	for i := range 5 {
+		p, sum := uniqueProgram(t, work, fmt.Sprintf("ordinary%d", i))
+		runN(t, p, 2)
+		sums = append(sums, sum)
+	}
+	runN(t, oddProg, 1)
+	for _, sum := range sums {
+		a.waitRecord(sum, "an ordinary program", func(r wire.Record) bool { return r.ExecCount == 2 })
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	_, err := a.Client.Upload(ctx)
+	cancel()
+	got := srv.counts(t)
+	lost := 0
+	for _, sum := range sums {
+		if got[sum] != 2 {
+			lost++
+		}
+	}
+	if lost > 0 && knownBatchDroppedForOnePath {
+		t.Skipf("known: the cloud refused the whole batch for one path (%v); %d of %d ordinary programs lost", err, lost, len(sums))
+	}
+	if lost > 0 {
+		t.Errorf("%d of %d ordinary programs lost with the batch the cloud refused for one path: %v", lost, len(sums), err)
+	}
+}
+
+// knownBatchDroppedForOnePath marks a known bug: the agent sends paths
+// that contain "/home/" or "/root/" past their start (its anonymiser only
+// rewrites home folders at the start of a path, and names of accounts),
+// the reference cloud's wire validation refuses the whole batch with 422
+// for one such record, and the uploader drops the batch: up to 5,000
+// records of other programs are lost.
+const knownBatchDroppedForOnePath = true
