@@ -111,10 +111,10 @@ func TestLeaveWithFullDisk(t *testing.T) {
 	faultCase(t)
 	state := mountTmpfs(t, 2<<20)
 	a := newAgent(t, agentOpts{StateDir: state})
+	work := worldDir(t, "cloudprotect-faults-disk-")
 	a.start()
 	a.participate()
-	a.waitCollecting()
-	work := worldDir(t, "cloudprotect-faults-disk-")
+	a.waitWatching(work)
 	for i := range 20 {
 		p, _ := uniqueProgram(t, work, fmt.Sprintf("p%03d", i))
 		runN(t, p, 1)
