@@ -69,7 +69,7 @@ func (c *cache) get(key fileKey, path string, anon *Anonymizer) (Facts, bool) {
 	}
 	c.mu.Unlock()
 
-	f.Path, f.PackageManaged = anon.Anonymize(path), PackageManaged(path)
+	f.Path, f.PackageManaged = pathOrUnknown(anon.Anonymize(path)), PackageManaged(path)
 	c.mu.Lock()
 	if i < len(c.ents) && c.ents[i].key == key {
 		c.ents[i].raw, c.ents[i].anon, c.ents[i].pkg = path, f.Path, f.PackageManaged

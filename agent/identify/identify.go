@@ -1,6 +1,8 @@
 package identify
 
 import (
+	"github.com/cloudprotect/cloudprotect/server/wire"
+
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -217,7 +219,7 @@ func (id *Identifier) identifyFD(fd int, path string) (Facts, error) {
 		id.refused.Add(1)
 		return Facts{}, fmt.Errorf("identify %s: %w", path, err)
 	}
-	f.Path, f.PackageManaged = id.anon.Anonymize(path), PackageManaged(path)
+	f.Path, f.PackageManaged = pathOrUnknown(id.anon.Anonymize(path)), PackageManaged(path)
 	id.cache.put(key, f, path)
 	return f, nil
 }
@@ -278,7 +280,7 @@ func (id *Identifier) run(ctx context.Context, j *job) {
 	f, key, err := id.compute(ctx, j.fd, j.key)
 	if err == nil {
 		id.background.Add(1)
-		f.Path, f.PackageManaged = id.anon.Anonymize(j.path), PackageManaged(j.path)
+		f.Path, f.PackageManaged = pathOrUnknown(id.anon.Anonymize(j.path)), PackageManaged(j.path)
 		id.cache.put(key, f, j.path)
 	} else {
 		id.refused.Add(1)
@@ -412,6 +414,9 @@ func readFacts(ctx context.Context, fd int, size int64, anon *Anonymizer) (Facts
 	case isELF(head[:nhead]):
 		f.Kind = "elf"
 		e := ParseELF(fdReader(fd), size)
+		if interp := anon.Anonymize(e.Interpreter); interp == "" && e.Interpreter != "" && e.Malformed == "" {
+			e.Malformed = "PT_INTERP is not an absolute path"
+		}
 		e.Interpreter = anon.Anonymize(e.Interpreter)
 		f.ELF = e
 	case nhead >= 2 && head[0] == '#' && head[1] == '!':
@@ -489,4 +494,13 @@ func plainName(s string) bool {
 		}
 	}
 	return true
+}
+
+// pathOrUnknown is p, or wire.UnknownPath when the file's path could not
+// be learned (the cloud needs one on every record).
+func pathOrUnknown(p string) string {
+	if p == "" {
+		return wire.UnknownPath
+	}
+	return p
 }

@@ -1,6 +1,8 @@
 package identify
 
 import (
+	"github.com/cloudprotect/cloudprotect/server/wire"
+
 	"bufio"
 	"fmt"
 	"io"
@@ -99,9 +101,13 @@ func parsePasswd(r io.Reader) ([]User, error) {
 //  3. /media/<name>/… and /run/media/<name>/… (removable media mounted for
 //     a user) become /media/~/… and /run/media/~/…;
 //  4. any remaining path component equal to a configured user name becomes
-//     "~", so /srv/backups/alice/x becomes /srv/backups/~/x.
+//     "~", so /srv/backups/alice/x becomes /srv/backups/~/x;
+//  5. a home folder deeper in the tree (a container's or a backup's root)
+//     goes too: …/home/<name>/… and …/root/… become …/~/….
 //
-// A home directory that is "/" or lies in a package-managed directory is
+// The result is always a path the cloud accepts (wire.CheckPath): control
+// characters become "?", it is cut to wire.MaxPathLen, and a relative path
+// gives "". A home directory that is "/" or lies in a package-managed directory is
 // ignored (rule 1 would otherwise turn /bin/ls into ~/ls). An Anonymizer is
 // immutable and safe for concurrent use.
 type Anonymizer struct {
@@ -137,6 +143,10 @@ func SystemAnonymizer() *Anonymizer {
 
 // Anonymize returns path with home directories and user names removed.
 func (a *Anonymizer) Anonymize(path string) string {
+	return wire.SanitizePath(a.anonymize(path))
+}
+
+func (a *Anonymizer) anonymize(path string) string {
 	if path == "" {
 		return ""
 	}
@@ -150,6 +160,10 @@ func (a *Anonymizer) Anonymize(path string) string {
 	} else if rest, ok := stripDir(p, "/run/media/"); ok {
 		p = "/run/media/~" + rest
 	}
+	if p == "/home" {
+		return "~"
+	}
+	p = nestedHomes(p)
 	if len(a.names) == 0 {
 		return p
 	}
@@ -168,6 +182,32 @@ func (a *Anonymizer) Anonymize(path string) string {
 		return p
 	}
 	return strings.Join(b, "/")
+}
+
+// nestedHomes anonymises home folders below the top of the tree (in a
+// container's or a backup's root, say): ".../home/NAME/x" becomes
+// ".../~/x" and ".../root/x" becomes ".../~/x", since the name after
+// "home" is a user's and "root" is root's home. The cloud refuses any path
+// that still holds "/home/" or "/root/" (wire.CheckPath).
+func nestedHomes(p string) string {
+	if !strings.Contains(p, "/home/") && !strings.Contains(p, "/root/") {
+		return p
+	}
+	parts := strings.Split(p, "/")
+	out := parts[:0]
+	for i := 0; i < len(parts); i++ {
+		c := parts[i]
+		switch {
+		case c == "home" && i+1 < len(parts):
+			out = append(out, "~")
+			i++ // the user's name goes too
+		case c == "root" && i+1 < len(parts):
+			out = append(out, "~")
+		default:
+			out = append(out, c)
+		}
+	}
+	return strings.Join(out, "/")
 }
 
 // home matches rule 1 and returns what follows the home directory ("" or

@@ -1,6 +1,8 @@
 package identify
 
 import (
+	"github.com/cloudprotect/cloudprotect/server/wire"
+
 	"strings"
 	"testing"
 )
@@ -89,7 +91,11 @@ func TestAnonymize(t *testing.T) {
 		{"home", "/home/alice/bin/tool", "~/bin/tool"},
 		{"home of unknown user", "/home/zed/x", "~/x"},
 		{"home dir itself", "/home/alice", "~"},
-		{"home parent", "/home", "/home"},
+		{"home parent", "/home", "~"},
+		{"home in a container's root", "/var/lib/machines/deb/home/alice/bin/x", "/var/lib/machines/deb/~/bin/x"},
+		{"root in a container's root", "/var/lib/lxc/c1/rootfs/root/a.out", "/var/lib/lxc/c1/rootfs/~/a.out"},
+		{"home twice", "/srv/home/zed/mnt/home/yan/x", "/srv/~/mnt/~/x"},
+		{"a folder named home at the end", "/srv/data/home", "/srv/data/home"},
 		{"root", "/root/a.out", "~/a.out"},
 		{"root itself", "/root", "~"},
 		{"rootfoo is not root", "/rootfs/x", "/rootfs/x"},
@@ -124,6 +130,22 @@ func TestAnonymize(t *testing.T) {
 
 // TestAnonymizeNoUserNames checks that no known user name survives in any
 // path built from names and homes.
+// Whatever the path, the cloud accepts what the anonymiser makes of it: a
+// refused path would cost the whole batch it travels in.
+func TestAnonymizedPathsPassTheCloudsCheck(t *testing.T) {
+	t.Parallel()
+	a := NewAnonymizer([]User{{"alice", "/home/alice"}})
+	for _, p := range []string{
+		"/home", "/root", "/home/alice", "/root/x", "/x/home/y/z", "/x/root/y", "/a/home/b/home/c/d",
+		"/home/alice/root/home/x", "/srv/root/", "/tmp/home/", "//home//alice//x", "/var/lib/machines/deb/home/alice/.local/bin/tool",
+		"/tmp/a\x01b", "/tmp/\xff\xfe", "/tmp/" + strings.Repeat("long/", 1000) + "x",
+	} {
+		if why := wire.CheckPath(a.Anonymize(p)); why != "" {
+			t.Errorf("Anonymize(%q) = %q, which the cloud refuses: %s", p, a.Anonymize(p), why)
+		}
+	}
+}
+
 func TestAnonymizeNoUserNames(t *testing.T) {
 	t.Parallel()
 	users := []User{{"alice", "/home/alice"}, {"bob", "/data/users/bob"}, {"carol", "/srv/carol-home"}}

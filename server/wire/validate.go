@@ -109,7 +109,7 @@ func (r *Record) validate(now time.Time) *FieldError {
 	if r.Size < 0 || r.Size > MaxFileSize {
 		return bad("size", fmt.Sprintf("want 0 to %d bytes", int64(MaxFileSize)))
 	}
-	if reason := checkPath(r.Path); reason != "" {
+	if reason := CheckPath(r.Path); reason != "" {
 		return bad("path", reason)
 	}
 	switch r.Kind {
@@ -122,7 +122,7 @@ func (r *Record) validate(now time.Time) *FieldError {
 		return bad("kind", `want "elf", "script" or "other"`)
 	}
 	if r.Interpreter != "" {
-		if reason := checkPath(r.Interpreter); reason != "" {
+		if reason := CheckPath(r.Interpreter); reason != "" {
 			return bad("interpreter", reason)
 		}
 	}
@@ -134,7 +134,7 @@ func (r *Record) validate(now time.Time) *FieldError {
 			return bad("elf.type", "want at most 16 printable characters without spaces")
 		}
 		if e.Interpreter != "" {
-			if reason := checkPath(e.Interpreter); reason != "" {
+			if reason := CheckPath(e.Interpreter); reason != "" {
 				return bad("elf.interpreter", reason)
 			}
 		}
@@ -161,8 +161,9 @@ func (r *Record) validate(now time.Time) *FieldError {
 	return nil
 }
 
-// checkPath returns why p is not an acceptable anonymised path, or "".
-func checkPath(p string) string {
+// CheckPath returns why p is not an acceptable anonymised path, or "".
+// The agent's anonymiser never produces a path it refuses.
+func CheckPath(p string) string {
 	switch {
 	case p == "":
 		return "empty"
@@ -210,4 +211,31 @@ func isToken(s string, max int) bool {
 		}
 	}
 	return true
+}
+
+// UnknownPath stands for a path that could not be learned or kept.
+const UnknownPath = "/(unknown)"
+
+// SanitizePath turns an anonymised path into one CheckPath accepts:
+// control characters and invalid UTF-8 become "?", and it is cut to
+// MaxPathLen. A path that is empty or relative gives "": it cannot be
+// made into a path, and a caller must not send it as one.
+func SanitizePath(p string) string {
+	if p == "" || (p[0] != '/' && p[0] != '~') {
+		return ""
+	}
+	if isPrintable(p) && len(p) <= MaxPathLen && utf8.ValidString(p) {
+		return p
+	}
+	var b strings.Builder
+	for _, c := range p {
+		if c < 0x20 || c == 0x7f || (c >= 0x80 && c < 0xa0) || c == utf8.RuneError {
+			c = '?'
+		}
+		if b.Len()+utf8.RuneLen(c) > MaxPathLen {
+			break
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
 }

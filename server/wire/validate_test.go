@@ -73,8 +73,8 @@ func TestCheckPath(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			if got := checkPath(tc.in) == ""; got != tc.ok {
-				t.Errorf("checkPath(%q) = %q; want ok %v", tc.in, checkPath(tc.in), tc.ok)
+			if got := CheckPath(tc.in) == ""; got != tc.ok {
+				t.Errorf("CheckPath(%q) = %q; want ok %v", tc.in, CheckPath(tc.in), tc.ok)
 			}
 		})
 	}
