@@ -359,6 +359,9 @@ func (a *Agent) Status() localapi.Status {
 		if st.Agent.EventsLost > 0 {
 			why = append(why, fmt.Sprintf("%d executions were missed because the agent fell behind", st.Agent.EventsLost))
 		}
+		if err := a.queue.CommitError(); err != nil {
+			why = append(why, fmt.Sprintf("statistics cannot be written to the state folder (%v): they are kept in memory until it can", err))
+		}
 		if qs.Evicted > 0 {
 			why = append(why, fmt.Sprintf("the statistics queue was full and dropped %d records", qs.Evicted))
 		}

@@ -240,14 +240,19 @@ func putCounter(tx *bolt.Tx, key []byte, n uint64) error {
 func (q *Queue) Purge() error {
 	q.flushMu.Lock()
 	defer q.flushMu.Unlock()
-	if q.db == nil {
-		return ErrClosed
-	}
 	q.mu.Lock()
+	closed := q.closed
 	clear(q.buf)
 	q.mu.Unlock()
-	if err := q.db.Close(); err != nil {
-		q.log.Warn("close queue before purge", "err", err)
+	if closed {
+		return ErrClosed
+	}
+	// q.db is nil when an earlier purge could not create the fresh queue
+	// (a full disk): this purge tries again.
+	if q.db != nil {
+		if err := q.db.Close(); err != nil {
+			q.log.Warn("close queue before purge", "err", err)
+		}
 	}
 	q.db = nil
 	q.inflight = nil
@@ -279,25 +284,37 @@ func wipe(path string) error {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("wipe %s: %w", path, err)
-	}
-	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return fmt.Errorf("wipe %s: %w", path, err)
-	}
-	zeros := make([]byte, 1<<20)
-	for off := int64(0); off < st.Size(); off += int64(len(zeros)) {
-		n := min(int64(len(zeros)), st.Size()-off)
-		if _, err := f.WriteAt(zeros[:n], off); err != nil {
+		// Removing needs no permission on the file itself, nor space.
+		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
 			return fmt.Errorf("wipe %s: %w", path, err)
 		}
+		return nil
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("wipe %s: %w", path, err)
+	// Overwriting is the best effort: on a full disk the holes of a
+	// sparse file cannot be filled. The file is removed whatever happens,
+	// which needs no space, so the queue can start afresh.
+	var werr error
+	if st, err := f.Stat(); err != nil {
+		werr = err
+	} else {
+		zeros := make([]byte, 1<<20)
+		for off := int64(0); off < st.Size(); off += int64(len(zeros)) {
+			n := min(int64(len(zeros)), st.Size()-off)
+			if _, err := f.WriteAt(zeros[:n], off); err != nil {
+				werr = err
+				break
+			}
+		}
+		if werr == nil {
+			werr = f.Sync()
+		}
 	}
+	f.Close()
 	if err := os.Remove(path); err != nil {
 		return fmt.Errorf("wipe %s: %w", path, err)
+	}
+	if werr != nil {
+		return fmt.Errorf("wipe %s: removed without overwriting all of it: %w", path, werr)
 	}
 	return nil
 }

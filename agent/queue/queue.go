@@ -140,6 +140,9 @@ type Queue struct {
 	inflight *Batch
 	salt     []byte
 
+	// commitErr is the error of the last commit, nil once one succeeds.
+	commitErr atomic.Pointer[error]
+
 	kick  chan struct{} // one slot: asks Serve to commit early
 	dirty chan struct{} // one slot: tells Serve something was buffered
 
@@ -263,7 +266,9 @@ func (q *Queue) Flush() error {
 
 func (q *Queue) flushLocked() error {
 	if q.db == nil {
-		return ErrClosed
+		if err := q.reopenLocked(); err != nil {
+			return err
+		}
 	}
 	q.mu.Lock()
 	buf := q.buf
@@ -308,8 +313,11 @@ func (q *Queue) flushLocked() error {
 		if ierr := q.db.View(q.loadIndex); ierr != nil {
 			q.log.Warn("rebuild queue index", "err", ierr)
 		}
-		return fmt.Errorf("commit queue: %w", err)
+		err = fmt.Errorf("commit queue: %w", err)
+		q.commitErr.Store(&err)
+		return err
 	}
+	q.commitErr.Store(nil)
 	return nil
 }
 
@@ -490,6 +498,9 @@ func (q *Queue) Close() error {
 	q.flushMu.Lock()
 	defer q.flushMu.Unlock()
 	if q.db == nil {
+		q.mu.Lock()
+		q.closed = true
+		q.mu.Unlock()
 		return nil
 	}
 	ferr := q.flushLocked()
@@ -552,6 +563,32 @@ func (q *Queue) Pending(maxRecords int) ([]wire.Record, error) {
 	}
 	b, err := q.nextBatchLocked(maxRecords)
 	return b.Records, err
+}
+
+// CommitError returns why the last commit failed (a full or read-only
+// state folder, say), or nil when it succeeded. Events are kept in memory
+// meanwhile and committed by the next commit that succeeds.
+func (q *Queue) CommitError() error {
+	if p := q.commitErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// reopenLocked creates the queue again after a purge could not (a full
+// disk); it is ErrClosed after Close. The caller holds flushMu.
+func (q *Queue) reopenLocked() error {
+	q.mu.Lock()
+	closed := q.closed
+	q.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	if err := q.open(); err != nil {
+		return fmt.Errorf("reopen queue: %w", err)
+	}
+	q.log.Info("queue reopened")
+	return nil
 }
 
 // nextBatchLocked is the one place that builds what is sent: the batch in
