@@ -1,6 +1,8 @@
 package faults
 
 import (
+	"bytes"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -77,11 +79,13 @@ func TestDiskFull(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	st := a.status()
+	st := a.waitStatus("the status to say the state folder is full", func(s localapi.Status) bool {
+		return s.Agent.Limited && strings.Contains(s.Agent.LimitedReason, "cannot be written")
+	})
 	if !a.running() || !st.Participation.Collecting {
 		t.Fatalf("with a full disk: running=%v status %+v", a.running(), st.Participation)
 	}
-	t.Logf("status with a full disk: limited=%v reason=%q queue=%+v", st.Agent.Limited, st.Agent.LimitedReason, st.Queue)
+	t.Logf("status with a full disk: limited=%v reason=%q", st.Agent.Limited, st.Agent.LimitedReason)
 
 	// Space returns: everything that was executed meanwhile is written.
 	os.Remove(filler)
@@ -91,6 +95,9 @@ func TestDiskFull(t *testing.T) {
 	if bad := a.corruptFiles(); len(bad) > 0 {
 		t.Fatalf("files set aside: %v", bad)
 	}
+	a.waitStatus("the status to stop reporting the full disk", func(s localapi.Status) bool {
+		return !strings.Contains(s.Agent.LimitedReason, "cannot be written")
+	})
 
 	os.Remove(filler)
 	a.stop()
@@ -115,9 +122,11 @@ func TestLeaveWithFullDisk(t *testing.T) {
 	a.start()
 	a.participate()
 	a.waitWatching(work)
+	var sums []string
 	for i := range 20 {
-		p, _ := uniqueProgram(t, work, fmt.Sprintf("p%03d", i))
+		p, sum := uniqueProgram(t, work, fmt.Sprintf("p%03d", i))
 		runN(t, p, 1)
+		sums = append(sums, sum)
 	}
 	a.waitStatus("records to be queued", func(s localapi.Status) bool { return s.Queue.Records >= 20 })
 	filler := fill(t, state)
@@ -132,9 +141,6 @@ func TestLeaveWithFullDisk(t *testing.T) {
 	if st.Participation.Notice == "" {
 		t.Errorf("no notice that the choice could not be saved")
 	}
-	if st.Queue.Records != 0 && knownPurgeOnFullDisk {
-		t.Skip("known: purging the queue on a full disk fails half way (agent/queue wipe), see docs/SECURITY.md")
-	}
 	if st.Queue.Records != 0 {
 		t.Errorf("after leaving, the queue holds %d records", st.Queue.Records)
 	}
@@ -146,19 +152,23 @@ func TestLeaveWithFullDisk(t *testing.T) {
 	if st := a.status(); st.Queue.Records != 0 {
 		t.Errorf("after a restart the queue holds %d records", st.Queue.Records)
 	}
-	for _, name := range []string{"queue.db"} {
-		if b, err := os.ReadFile(filepath.Join(state, name)); err == nil && len(b) > 64<<10 {
-			t.Errorf("%s is %d bytes after leaving", name, len(b))
+	// No file in the state folder holds the hash of a program run before
+	// leaving (the queue's keys are the raw SHA-256).
+	files, _ := filepath.Glob(filepath.Join(state, "*"))
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, sum := range sums {
+			raw, _ := hex.DecodeString(sum)
+			if bytes.Contains(b, raw) || bytes.Contains(b, []byte(sum)) {
+				t.Errorf("%s still holds the hash of a program run before leaving", filepath.Base(f))
+				break
+			}
 		}
 	}
 	if bad := a.corruptFiles(); len(bad) > 0 {
 		t.Errorf("files holding statistics left after leaving: %v", bad)
 	}
 }
-
-// knownPurgeOnFullDisk marks a known bug: agent/queue's Purge overwrites
-// the file with zeros before removing it, and on a full disk (a sparse
-// bbolt file on tmpfs) the overwrite fails half way: the file is neither
-// removed nor usable, the queue stays closed, and on restart the agent
-// sets the half-zeroed file aside and cannot create a new one.
-const knownPurgeOnFullDisk = true

@@ -185,7 +185,7 @@ func newAgent(t *testing.T, o agentOpts) *agentProc {
 	}
 	if a.Home == "" {
 		// Not ".../home/...": the cloud refuses paths holding "/home/"
-		// anywhere (see TestPathRefusedByCloudDropsBatch).
+		// anywhere (see TestOddPathKeepsBatch).
 		a.Home = filepath.Join(dir, "person")
 		os.MkdirAll(filepath.Join(a.Home, "Downloads"), 0o755)
 	}
