@@ -41,6 +41,9 @@ func TestMain(m *testing.M) {
 	if clientBin != "" {
 		os.RemoveAll(filepath.Dir(clientBin))
 	}
+	if tinyPath != "" && tinyPath != "/bin/true" {
+		os.RemoveAll(filepath.Dir(tinyPath))
+	}
 	if binDir != "" && os.Getenv("CLOUDPROTECT_FAULTS_BIN") == "" {
 		os.RemoveAll(binDir)
 	}
