@@ -78,7 +78,6 @@ func TestCloudRoundTrip(t *testing.T) {
 	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(200 * time.Millisecond)
 	runN(t, progA, 4)
 	runN(t, progB, 2)
 	waitRecord(t, a.client, "alpha ×4", func(r wire.Record) bool { return r.SHA256 == sumA && r.ExecCount == 4 })

@@ -186,6 +186,15 @@ func (a *Agent) startCollection(ctx context.Context) (*collection, error) {
 		close(c.done)
 	}()
 	a.gate.set(true)
+	// The status names the source once it sees every exec.
+	if r, ok := src.(execwatch.Readier); ok {
+		select {
+		case <-r.Ready():
+		case <-c.done:
+		case <-time.After(5 * time.Second):
+			a.log.Warn("exec source not ready after 5s", "source", src.Name())
+		}
+	}
 	a.setSource(c)
 	a.log.Info("collection started", "source", src.Name(), "loaded_dirs", loaded.Dirs())
 	return c, nil

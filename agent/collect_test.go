@@ -128,9 +128,6 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 	if st.Agent.ExecSource != "fanotify" {
 		t.Fatalf("exec source = %q, want fanotify as root", st.Agent.ExecSource)
 	}
-	// Give the marks a moment to be in place (they are set before
-	// Serve reads, but the status may come first).
-	time.Sleep(200 * time.Millisecond)
 
 	const n = 7
 	prog, sum := uniqueProgram(t, work, "fresh")

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -43,6 +44,9 @@ type Fanotify struct {
 
 	serving atomic.Bool
 	c       counters
+
+	ready     chan struct{} // closed once the first Serve has set its marks
+	readyOnce sync.Once
 }
 
 // NewFanotify returns the fanotify source; Serve reports whether the
@@ -53,8 +57,13 @@ func NewFanotify(opts Options) *Fanotify {
 		window:     opts.batchWindow(),
 		maxPending: opts.maxPending(),
 		mountinfo:  mountinfoPath,
+		ready:      make(chan struct{}),
 	}
 }
+
+// Ready implements Readier: the channel is closed once every filesystem
+// is marked, so every exec from then on is seen.
+func (s *Fanotify) Ready() <-chan struct{} { return s.ready }
 
 // Name implements Source.
 func (s *Fanotify) Name() string { return "fanotify" }
@@ -93,6 +102,7 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 		return fmt.Errorf("mark filesystems: %w", errNoMarks)
 	}
 	s.log.Info("watching executions", "filesystems", len(marked))
+	s.readyOnce.Do(func() { close(s.ready) })
 
 	self := os.Getpid()
 	return serveFanotify(ctx, w, out, fanLoop{

@@ -58,3 +58,10 @@ type Source interface {
 	Serve(ctx context.Context, out chan<- []Event) error
 	Stats() Stats
 }
+
+// Readier is implemented by a source that needs a moment after Serve
+// starts before it sees every exec (fanotify marks each filesystem
+// first). Ready's channel is closed once it does.
+type Readier interface {
+	Ready() <-chan struct{}
+}
