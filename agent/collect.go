@@ -144,7 +144,10 @@ func (a *Agent) forget() {
 	a.deferredMu.Lock()
 	clear(a.deferred)
 	a.deferredMu.Unlock()
-	if st := a.queue.Stats(); st.Records > 0 || st.Pending > 0 {
+	// Events still buffered for the next commit count too: they would
+	// be committed a moment later otherwise.
+	if !a.queue.Empty() {
+		st := a.queue.Stats()
 		if err := a.queue.Purge(); err != nil {
 			a.log.Error("purge queue", "err", err)
 		} else {

@@ -167,6 +167,28 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 		t.Errorf("after leaving: %d fanotify and %d netlink descriptors open", fa, nl)
 	}
 	runN(t, prog, 3)
+
+	// Leaving right after an exec, while its record is only buffered for
+	// the next commit: it is deleted too, not committed a moment later.
+	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
+		t.Fatal(err)
+	}
+	seen := func() uint64 { st, _ := a.client.Status(ctx); return st.Agent.EventsSeen }
+	before := seen()
+	quick, _ := uniqueProgram(t, work, "quick")
+	runN(t, quick, 1)
+	for deadline := time.Now().Add(5 * time.Second); seen() == before && time.Now().Before(deadline); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond) // handled: identified and buffered
+	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond) // past the queue's one-second commit
+	if q, _ := a.client.Queue(ctx); len(q.Batch.Records) != 0 {
+		t.Errorf("a record buffered at the moment of leaving was kept: %d records", len(q.Batch.Records))
+	}
+
 	dl2, _ := uniqueProgram(t, downloads, "tool2")
 	os.Chmod(dl2, 0o755)
 	time.Sleep(time.Second) // longer than the loaded watcher's quiet time

@@ -452,6 +452,15 @@ func (q *Queue) Stats() Stats {
 	}
 }
 
+// Empty reports whether the queue holds nothing at all: no record on
+// disk and no event buffered for the next commit.
+func (q *Queue) Empty() bool {
+	q.mu.Lock()
+	buffered := len(q.buf)
+	q.mu.Unlock()
+	return buffered == 0 && q.nRecords.Load() == 0 && q.nPending.Load() == 0
+}
+
 // Serve commits the buffer every Options.CommitInterval, and early when
 // Options.CommitEvents distinct hashes are waiting. When ctx is cancelled
 // it commits once more and returns ctx.Err(). A failed commit is logged

@@ -638,3 +638,32 @@ func BenchmarkMillionEvents(b *testing.B) {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// Empty sees events that are only buffered, so a purge decided on it
+// leaves nothing to be committed later.
+func TestEmptyCountsBufferedEvents(t *testing.T) {
+	t.Parallel()
+	q, err := Open(filepath.Join(t.TempDir(), "q.db"), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	if !q.Empty() {
+		t.Fatal("a new queue is not empty")
+	}
+	if err := q.Add(Event{Facts: facts(1), Exec: true}); err != nil {
+		t.Fatal(err)
+	}
+	if q.Empty() || q.Stats().Records != 0 {
+		t.Fatalf("buffered event: Empty() = %v, records %d; want false, 0 (not yet committed)", q.Empty(), q.Stats().Records)
+	}
+	if err := q.Purge(); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if !q.Empty() || q.Stats().Records != 0 {
+		t.Fatalf("after purge and a commit: Empty() = %v, records %d", q.Empty(), q.Stats().Records)
+	}
+}
