@@ -1,10 +1,11 @@
 package consent
 
 import (
+	"github.com/cloudprotect/cloudprotect/agent/internal/dirs"
+
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 	"time"
 
@@ -29,7 +30,7 @@ func (m *Manager) WatchPolicy(ctx context.Context) error {
 
 	watched := ""
 	rewatch := func() error {
-		dir := nearestDir(filepath.Dir(m.policyPath))
+		dir := dirs.Nearest(filepath.Dir(m.policyPath))
 		if dir == watched {
 			return nil
 		}
@@ -76,19 +77,5 @@ func (m *Manager) WatchPolicy(ctx context.Context) error {
 			}
 			m.ReloadPolicy()
 		}
-	}
-}
-
-// nearestDir returns dir, or the nearest folder above it that exists.
-func nearestDir(dir string) string {
-	for {
-		if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return dir
-		}
-		dir = parent
 	}
 }

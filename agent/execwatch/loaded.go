@@ -1,6 +1,8 @@
 package execwatch
 
 import (
+	"github.com/cloudprotect/cloudprotect/agent/internal/dirs"
+
 	"bufio"
 	"bytes"
 	"context"
@@ -301,7 +303,7 @@ func (s *loadedState) handle(ev fsnotify.Event) {
 func (s *loadedState) reconcile(scan bool) {
 	want := make(map[string]bool)
 	for t := range s.targets {
-		want[nearestDir(t)] = true
+		want[dirs.Nearest(t)] = true
 	}
 	for p := range s.watched {
 		if !want[p] {
@@ -330,20 +332,6 @@ func (s *loadedState) reconcile(scan bool) {
 				}
 			}
 		}
-	}
-}
-
-// nearestDir is dir, or its nearest parent that exists.
-func nearestDir(dir string) string {
-	for {
-		if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return dir
-		}
-		dir = parent
 	}
 }
 
