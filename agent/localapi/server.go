@@ -101,38 +101,34 @@ func NewServer(ln net.Listener, backend Backend, canChange Authorizer, log *slog
 	return &Server{backend: backend, canChange: canChange, log: log, ln: ln, lim: newLimits(MaxConnsPerUser, MaxConns)}
 }
 
-// routes maps each endpoint to its method.
-var routes = map[string]string{
-	"/v1/status":        http.MethodGet,
-	"/v1/statement":     http.MethodGet,
-	"/v1/participation": http.MethodPut,
-	"/v1/queue":         http.MethodGet,
-	"/v1/upload":        http.MethodPost,
-	"/v1/events":        http.MethodGet,
+// route is one endpoint: the method it takes and what answers it.
+type route struct {
+	method string
+	handle http.HandlerFunc
 }
 
 // Handler returns the API's HTTP handler.
 func (s *Server) Handler() http.Handler {
-	handlers := map[string]http.HandlerFunc{
-		"/v1/status":        s.status,
-		"/v1/statement":     s.statement,
-		"/v1/participation": s.participation,
-		"/v1/queue":         s.queue,
-		"/v1/upload":        s.upload,
-		"/v1/events":        s.events,
+	routes := map[string]route{
+		"/v1/status":        {http.MethodGet, s.status},
+		"/v1/statement":     {http.MethodGet, s.statement},
+		"/v1/participation": {http.MethodPut, s.participation},
+		"/v1/queue":         {http.MethodGet, s.queue},
+		"/v1/upload":        {http.MethodPost, s.upload},
+		"/v1/events":        {http.MethodGet, s.events},
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		method, ok := routes[r.URL.Path]
+		rt, ok := routes[r.URL.Path]
 		switch {
 		case !ok:
 			writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s", r.URL.Path),
 				"the API has GET /v1/status, /v1/statement, /v1/queue, /v1/events, PUT /v1/participation and POST /v1/upload")
-		case r.Method != method && !(method == http.MethodGet && r.Method == http.MethodHead):
-			w.Header().Set("Allow", method)
+		case r.Method != rt.method && !(rt.method == http.MethodGet && r.Method == http.MethodHead):
+			w.Header().Set("Allow", rt.method)
 			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s does not take %s", r.URL.Path, r.Method),
-				fmt.Sprintf("use %s %s", method, r.URL.Path))
+				fmt.Sprintf("use %s %s", rt.method, r.URL.Path))
 		default:
-			handlers[r.URL.Path](w, r)
+			rt.handle(w, r)
 		}
 	})
 }

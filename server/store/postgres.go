@@ -148,19 +148,6 @@ func postgresInsertListed(ctx context.Context, tx *sql.Tx, list string, hashes [
 }
 
 func postgresColumns(ctx context.Context, db *sql.DB) (map[string][]column, error) {
-	rows, err := db.QueryContext(ctx, `SELECT table_name, column_name, data_type FROM information_schema.columns
+	return scanColumns(ctx, db, "text", "bytea", `SELECT table_name, column_name, data_type FROM information_schema.columns
 		WHERE table_schema = current_schema()`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := map[string][]column{}
-	for rows.Next() {
-		var table, name, typ string
-		if err := rows.Scan(&table, &name, &typ); err != nil {
-			return nil, err
-		}
-		out[table] = append(out[table], column{name: name, text: typ == "text", blob: typ == "bytea"})
-	}
-	return out, rows.Err()
 }

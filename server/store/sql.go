@@ -37,6 +37,26 @@ type column struct {
 	text bool
 }
 
+// scanColumns lists every table's columns with query, which yields
+// (table, column, type) rows; textType and blobType are the database's
+// names of its text and byte types.
+func scanColumns(ctx context.Context, db *sql.DB, textType, blobType, query string) (map[string][]column, error) {
+	rows, err := db.QueryContext(ctx, query)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string][]column{}
+	for rows.Next() {
+		var table, name, typ string
+		if err := rows.Scan(&table, &name, &typ); err != nil {
+			return nil, err
+		}
+		out[table] = append(out[table], column{name: name, text: typ == textType, blob: typ == blobType})
+	}
+	return out, rows.Err()
+}
+
 // sqlStore implements Store over database/sql. For SQLite, writes go
 // through a pool of one connection (SQLite has one writer) and reads
 // through another pool; for PostgreSQL both are the same pool.

@@ -139,19 +139,6 @@ func sqliteInsertListed(ctx context.Context, tx *sql.Tx, list string, hashes []s
 }
 
 func sqliteColumns(ctx context.Context, db *sql.DB) (map[string][]column, error) {
-	rows, err := db.QueryContext(ctx, `SELECT m.name, p.name, upper(p.type) FROM sqlite_master AS m
+	return scanColumns(ctx, db, "TEXT", "BLOB", `SELECT m.name, p.name, upper(p.type) FROM sqlite_master AS m
 		JOIN pragma_table_info(m.name) AS p WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'`)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := map[string][]column{}
-	for rows.Next() {
-		var table, name, typ string
-		if err := rows.Scan(&table, &name, &typ); err != nil {
-			return nil, err
-		}
-		out[table] = append(out[table], column{name: name, text: typ == "TEXT", blob: typ == "BLOB"})
-	}
-	return out, rows.Err()
 }
