@@ -18,13 +18,14 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/queue"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Version is the agent's version, set at build time.
@@ -249,7 +250,7 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 		}
 		if a.hub.Len() > 0 {
 			st := a.Status()
-			a.hub.Publish(localapi.Event{Type: localapi.EventStatus, Time: time.Now().UTC(), Status: &st})
+			a.hub.Publish(api.Event{Type: api.EventStatus, Time: time.Now().UTC(), Status: &st})
 		}
 		select {
 		case <-ctx.Done():
@@ -289,9 +290,9 @@ func (a *Agent) onConsentChange() {
 }
 
 // alert publishes a reputation alert on the event stream.
-func (a *Agent) alert(al localapi.Alert) {
+func (a *Agent) alert(al api.Alert) {
 	a.log.Warn("reputation alert", "program", al.Program, "path", al.Path, "verdict", al.Verdict, "sha256", al.SHA256)
-	a.hub.Publish(localapi.Event{Type: localapi.EventAlert, Time: time.Now().UTC(), Alert: &al})
+	a.hub.Publish(api.Event{Type: api.EventAlert, Time: time.Now().UTC(), Alert: &al})
 }
 
 // statementVersion is the statement version sent with uploads: the one
@@ -317,10 +318,10 @@ func (u queueForUpload) DropBatch(id string) error    { return u.q.DropBatch(id)
 func (u queueForUpload) Pending() int                 { return u.q.Stats().Pending }
 
 // Status implements localapi.Backend.
-func (a *Agent) Status() localapi.Status {
+func (a *Agent) Status() api.Status {
 	v := a.consent.View()
-	st := localapi.Status{
-		Participation: localapi.Participation{
+	st := api.Status{
+		Participation: api.Participation{
 			State:            string(v.State),
 			StatementVersion: v.StatementVersion,
 			AcceptedVersion:  v.AcceptedVersion,
@@ -332,7 +333,7 @@ func (a *Agent) Status() localapi.Status {
 			Via:              string(v.Via),
 			Notice:           v.Notice,
 		},
-		Agent: localapi.AgentInfo{
+		Agent: api.AgentInfo{
 			Version: Version,
 			Mode:    a.cfg.Mode,
 			Started: a.started,
@@ -344,7 +345,7 @@ func (a *Agent) Status() localapi.Status {
 		st.Participation.Since = &since
 	}
 	qs := a.queue.Stats()
-	st.Queue = localapi.QueueInfo{Pending: qs.Pending, Records: qs.Records, Evicted: qs.Evicted, Bytes: qs.Bytes}
+	st.Queue = api.QueueInfo{Pending: qs.Pending, Records: qs.Records, Evicted: qs.Evicted, Bytes: qs.Bytes}
 	a.mu.Lock()
 	if v.Collecting {
 		if a.running != nil {
@@ -380,14 +381,14 @@ func (a *Agent) server() string {
 }
 
 // SetParticipation implements localapi.Backend.
-func (a *Agent) SetParticipation(req localapi.ParticipationRequest, uid int) (localapi.Status, error) {
+func (a *Agent) SetParticipation(req api.ParticipationRequest, uid int) (api.Status, error) {
 	via, err := consent.ParseVia(req.Via)
 	if err != nil {
-		return localapi.Status{}, &localapi.HTTPError{Code: http.StatusBadRequest, Msg: err.Error(),
+		return api.Status{}, &localapi.HTTPError{Code: http.StatusBadRequest, Msg: err.Error(),
 			Hint: `send "via": "cli", "tray" or "install"`}
 	}
 	if _, err := a.consent.Set(req.Participate, req.StatementVersion, via, uid); err != nil {
-		return localapi.Status{}, err
+		return api.Status{}, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -396,19 +397,19 @@ func (a *Agent) SetParticipation(req localapi.ParticipationRequest, uid int) (lo
 }
 
 // QueuePreview implements localapi.Backend.
-func (a *Agent) QueuePreview(ctx context.Context) (localapi.QueuePreview, error) {
+func (a *Agent) QueuePreview(ctx context.Context) (api.QueuePreview, error) {
 	recs, err := a.queue.Pending(wire.MaxBatchRecords)
 	if err != nil {
-		return localapi.QueuePreview{}, err
+		return api.QueuePreview{}, err
 	}
-	return localapi.QueuePreview{
+	return api.QueuePreview{
 		Pending: a.queue.Stats().Pending,
 		Batch:   upload.NewBatch("", recs, a.statementVersion()),
 	}, nil
 }
 
 // Upload implements localapi.Backend: it sends pending statistics now.
-func (a *Agent) Upload(ctx context.Context) (localapi.UploadResult, error) {
+func (a *Agent) Upload(ctx context.Context) (api.UploadResult, error) {
 	res, err := a.upload.SendNow(ctx)
 	if errors.Is(err, upload.ErrNotParticipating) {
 		return res, &localapi.HTTPError{Code: http.StatusConflict,

@@ -17,6 +17,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
@@ -38,14 +39,14 @@ func clientChild(sock, op string) int {
 	var err error
 	switch op {
 	case "status":
-		var st localapi.Status
+		var st api.Status
 		st, err = c.Status(ctx)
 		if err == nil {
 			fmt.Printf("state=%s can_change=%v\n", st.Participation.State, st.CanChange)
 			return 0
 		}
 	case "participate":
-		_, err = c.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"})
+		_, err = c.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"})
 	}
 	var ae *localapi.APIError
 	if errors.As(err, &ae) {
@@ -124,16 +125,16 @@ func TestParticipationOverSocket(t *testing.T) {
 	ctx := context.Background()
 	tests := []struct {
 		name      string
-		req       localapi.ParticipationRequest
+		req       api.ParticipationRequest
 		wantCode  int
 		wantState string
 	}{
-		{"wrong statement version", localapi.ParticipationRequest{Participate: true, StatementVersion: 99, Via: "cli"}, 409, "undecided"},
-		{"no via", localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion}, 400, "undecided"},
-		{"via policy is not for clients", localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "policy"}, 400, "undecided"},
-		{"participate", localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}, 200, "participating"},
-		{"leave", localapi.ParticipationRequest{Participate: false, Via: "tray"}, 200, "declined"},
-		{"participate again", localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "tray"}, 200, "participating"},
+		{"wrong statement version", api.ParticipationRequest{Participate: true, StatementVersion: 99, Via: "cli"}, 409, "undecided"},
+		{"no via", api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion}, 400, "undecided"},
+		{"via policy is not for clients", api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "policy"}, 400, "undecided"},
+		{"participate", api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}, 200, "participating"},
+		{"leave", api.ParticipationRequest{Participate: false, Via: "tray"}, 200, "declined"},
+		{"participate again", api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "tray"}, 200, "participating"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -167,7 +168,7 @@ func TestParticipationOverSocket(t *testing.T) {
 
 func TestPolicyLockOverSocket(t *testing.T) {
 	a := startAgent(t, ModeUser, `{"participation":"off"}`)
-	_, err := a.client.SetParticipation(context.Background(), localapi.ParticipationRequest{
+	_, err := a.client.SetParticipation(context.Background(), api.ParticipationRequest{
 		Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"})
 	var ae *localapi.APIError
 	if !errors.As(err, &ae) || ae.StatusCode != 403 || !strings.Contains(ae.Message, filepath.Join(a.dir, "policy.json")) {
@@ -183,12 +184,12 @@ func TestEventsFollowChanges(t *testing.T) {
 	a := startAgent(t, ModeUser, "")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	events := make(chan localapi.Event, 16)
+	events := make(chan api.Event, 16)
 	done := make(chan error, 1)
 	go func() {
-		done <- a.client.Events(ctx, func(ev localapi.Event) error { events <- ev; return nil })
+		done <- a.client.Events(ctx, func(ev api.Event) error { events <- ev; return nil })
 	}()
-	next := func() localapi.Event {
+	next := func() api.Event {
 		t.Helper()
 		select {
 		case ev := <-events:
@@ -196,15 +197,15 @@ func TestEventsFollowChanges(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("no event within 5s")
 		}
-		return localapi.Event{}
+		return api.Event{}
 	}
-	if ev := next(); ev.Type != localapi.EventStatus || ev.Status.Participation.State != "undecided" {
+	if ev := next(); ev.Type != api.EventStatus || ev.Status.Participation.State != "undecided" {
 		t.Fatalf("first event = %+v, want the current status", ev)
 	}
 	// A change made by another client (the CLI, say) arrives on the stream.
 	other := localapi.NewClient(a.socket)
 	defer other.Close()
-	if _, err := other.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
+	if _, err := other.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
 	for ev := next(); ev.Status == nil || ev.Status.Participation.State != "participating"; ev = next() {

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
@@ -55,7 +56,7 @@ func startDaemon(tb testing.TB, bin, dir string) *benchAgent {
 		}
 		time.Sleep(25 * time.Millisecond)
 	}
-	if _, err := a.client.SetParticipation(context.Background(), localapi.ParticipationRequest{
+	if _, err := a.client.SetParticipation(context.Background(), api.ParticipationRequest{
 		Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		tb.Fatal(err)
 	}
@@ -127,7 +128,7 @@ func (a *benchAgent) wakeups(tb testing.TB) int64 {
 	return n
 }
 
-func (a *benchAgent) status(tb testing.TB) localapi.Status {
+func (a *benchAgent) status(tb testing.TB) api.Status {
 	st, err := a.client.Status(context.Background())
 	if err != nil {
 		tb.Fatal(err)

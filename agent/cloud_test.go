@@ -10,14 +10,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // installation reads the agent's registered installation from its state.
@@ -68,14 +68,14 @@ func TestCloudRoundTrip(t *testing.T) {
 	a := startAgentWith(t, ModeUser, "", func(c *Config) { c.Server = cloud.URL })
 	evctx, stopEvents := context.WithCancel(ctx)
 	defer stopEvents()
-	alerts := make(chan localapi.Alert, 8)
-	go a.client.Events(evctx, func(ev localapi.Event) error {
+	alerts := make(chan api.Alert, 8)
+	go a.client.Events(evctx, func(ev api.Event) error {
 		if ev.Alert != nil {
 			alerts <- *ev.Alert
 		}
 		return nil
 	})
-	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
+	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
 	runN(t, progA, 4)
@@ -128,7 +128,7 @@ func TestCloudRoundTrip(t *testing.T) {
 	}
 
 	// Leaving: the local queue is empty, and the server forgets us.
-	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
+	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(15 * time.Second)

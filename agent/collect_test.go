@@ -13,10 +13,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // uniqueProgram writes a copy of /bin/true with random bytes appended (the
@@ -121,7 +122,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 		t.Fatalf("undecided: %d fanotify and %d netlink descriptors open", fa, nl)
 	}
 
-	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
+	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
 	st, _ := a.client.Status(ctx)
@@ -156,7 +157,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 	}
 
 	// Leaving stops the sources within a second and purges the queue.
-	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
+	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
 	st, _ = a.client.Status(ctx)
@@ -170,7 +171,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 
 	// Leaving right after an exec, while its record is only buffered for
 	// the next commit: it is deleted too, not committed a moment later.
-	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
+	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
 	seen := func() uint64 { st, _ := a.client.Status(ctx); return st.Agent.EventsSeen }
@@ -181,7 +182,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	time.Sleep(20 * time.Millisecond) // handled: identified and buffered
-	if _, err := a.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
+	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(1500 * time.Millisecond) // past the queue's one-second commit

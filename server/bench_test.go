@@ -12,7 +12,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/store/storetest"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // benchBackends runs f per backend; PostgreSQL only when configured.

@@ -10,7 +10,7 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // MaxLookupBody bounds the body of POST /v1/reputation/sha256: room for

@@ -9,7 +9,7 @@ import (
 	"strings"
 
 	"github.com/cloudprotect/cloudprotect/server/store"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // ReadHashList reads a verdict list: one SHA-256 a line, hex in either

@@ -19,7 +19,7 @@ import (
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/store/storetest"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // now is the fixed clock of the tests.

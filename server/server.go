@@ -39,7 +39,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Config configures a Server.

@@ -16,7 +16,7 @@ import (
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/store/storetest"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 func TestMain(m *testing.M) {

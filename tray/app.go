@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/icons"
 )
@@ -19,11 +20,11 @@ import (
 // Agent is what the tray needs from the agent's local API; *localapi.Client
 // provides it.
 type Agent interface {
-	Status(ctx context.Context) (localapi.Status, error)
-	Statement(ctx context.Context) (localapi.Statement, error)
-	SetParticipation(ctx context.Context, req localapi.ParticipationRequest) (localapi.Status, error)
-	Upload(ctx context.Context) (localapi.UploadResult, error)
-	Events(ctx context.Context, fn func(localapi.Event) error) error
+	Status(ctx context.Context) (api.Status, error)
+	Statement(ctx context.Context) (api.Statement, error)
+	SetParticipation(ctx context.Context, req api.ParticipationRequest) (api.Status, error)
+	Upload(ctx context.Context) (api.UploadResult, error)
+	Events(ctx context.Context, fn func(api.Event) error) error
 }
 
 var _ Agent = (*localapi.Client)(nil)
@@ -137,8 +138,8 @@ type App struct {
 
 // agentMsg is what the event follower tells the loop.
 type agentMsg struct {
-	status  *localapi.Status
-	alert   *localapi.Alert
+	status  *api.Status
+	alert   *api.Alert
 	lost    bool
 	attempt int
 	err     error
@@ -178,7 +179,7 @@ func NewApp(cfg Config) *App {
 
 // Initial returns the menu to show before the loop runs: from status when
 // the agent answered, else the unreachable menu.
-func (a *App) Initial(status *localapi.Status) Menu {
+func (a *App) Initial(status *api.Status) Menu {
 	a.view.Status = status
 	a.refreshAutostart()
 	a.view.Now = a.cfg.Clock.Now()
@@ -240,15 +241,15 @@ func (a *App) refreshAutostart() {
 func (a *App) follow(ctx context.Context) {
 	attempt := 0
 	for {
-		err := a.cfg.Agent.Events(ctx, func(ev localapi.Event) error {
+		err := a.cfg.Agent.Events(ctx, func(ev api.Event) error {
 			switch ev.Type {
-			case localapi.EventStatus:
+			case api.EventStatus:
 				if ev.Status == nil {
 					return nil
 				}
 				attempt = 0
 				return a.send(ctx, agentMsg{status: ev.Status})
-			case localapi.EventAlert:
+			case api.EventAlert:
 				if ev.Alert == nil {
 					return nil
 				}
@@ -331,7 +332,7 @@ func (a *App) agentChanged(m agentMsg) {
 	}
 }
 
-func stateIcon(s *localapi.Status) icons.State {
+func stateIcon(s *api.Status) icons.State {
 	return Build(View{Status: s}).Icon
 }
 
@@ -340,7 +341,7 @@ const inviteFile = "tray-invited"
 
 // maybeInvite shows one notification inviting the person to decide, the
 // first time the tray sees consent undecided on this account.
-func (a *App) maybeInvite(s *localapi.Status) {
+func (a *App) maybeInvite(s *api.Status) {
 	if a.invited || s.Participation.State != "undecided" || !s.CanChange || s.Participation.Locked {
 		return
 	}
@@ -439,7 +440,7 @@ func (a *App) participate(ctx context.Context, action Action) {
 		return
 	}
 	var q Question
-	var req localapi.ParticipationRequest
+	var req api.ParticipationRequest
 	var done Note
 	if action == Join {
 		q = Question{
@@ -450,7 +451,7 @@ func (a *App) participate(ctx context.Context, action Action) {
 			No:   "Not now",
 			Icon: icons.Undecided,
 		}
-		req = localapi.ParticipationRequest{Participate: true, StatementVersion: st.Version, Via: "tray"}
+		req = api.ParticipationRequest{Participate: true, StatementVersion: st.Version, Via: "tray"}
 		done = Note{Title: "You participate in Security Network", Body: "Cloud protection is on. Thank you for helping protect everyone.", Icon: icons.Participating}
 	} else {
 		q = Question{
@@ -461,7 +462,7 @@ func (a *App) participate(ctx context.Context, action Action) {
 			No:   "Keep participating",
 			Icon: icons.Declined,
 		}
-		req = localapi.ParticipationRequest{Participate: false, StatementVersion: st.Version, Via: "tray"}
+		req = api.ParticipationRequest{Participate: false, StatementVersion: st.Version, Via: "tray"}
 		done = Note{Title: "You no longer participate in Security Network", Body: "Nothing more is collected or sent. A deletion request goes to the Security Network.", Icon: icons.Declined}
 	}
 
@@ -529,7 +530,7 @@ func (a *App) showStatement(ctx context.Context) {
 
 // writeStatement writes the statement where the desktop's handler can open
 // it, and returns the file's path.
-func (a *App) writeStatement(st localapi.Statement) (string, error) {
+func (a *App) writeStatement(st api.Statement) (string, error) {
 	dir := a.cfg.CacheDir
 	if dir == "" {
 		dir = os.TempDir()

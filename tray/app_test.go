@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/icons"
 )
@@ -24,39 +25,39 @@ func TestMain(m *testing.M) {
 // fakeAgent serves event streams the test pushes: each call to Events takes
 // the next stream; a nil stream means the agent is unreachable.
 type fakeAgent struct {
-	streams chan chan localapi.Event
+	streams chan chan api.Event
 
 	mu  sync.Mutex // protects the fields below
-	set []localapi.ParticipationRequest
-	st  localapi.Statement
+	set []api.ParticipationRequest
+	st  api.Statement
 }
 
 func newFakeAgent() *fakeAgent {
 	return &fakeAgent{
-		streams: make(chan chan localapi.Event, 16),
-		st:      localapi.Statement{Version: 3, Title: "Security Network Statement", Summary: "We collect hashes.", Text: "Full text."},
+		streams: make(chan chan api.Event, 16),
+		st:      api.Statement{Version: 3, Title: "Security Network Statement", Summary: "We collect hashes.", Text: "Full text."},
 	}
 }
 
-func (f *fakeAgent) Status(context.Context) (localapi.Status, error) {
-	return localapi.Status{}, localapi.ErrUnreachable
+func (f *fakeAgent) Status(context.Context) (api.Status, error) {
+	return api.Status{}, localapi.ErrUnreachable
 }
-func (f *fakeAgent) Statement(context.Context) (localapi.Statement, error) {
+func (f *fakeAgent) Statement(context.Context) (api.Statement, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.st, nil
 }
-func (f *fakeAgent) SetParticipation(_ context.Context, r localapi.ParticipationRequest) (localapi.Status, error) {
+func (f *fakeAgent) SetParticipation(_ context.Context, r api.ParticipationRequest) (api.Status, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.set = append(f.set, r)
-	return localapi.Status{}, nil
+	return api.Status{}, nil
 }
-func (f *fakeAgent) Upload(context.Context) (localapi.UploadResult, error) {
-	return localapi.UploadResult{Sent: 2, Message: "2 records sent"}, nil
+func (f *fakeAgent) Upload(context.Context) (api.UploadResult, error) {
+	return api.UploadResult{Sent: 2, Message: "2 records sent"}, nil
 }
-func (f *fakeAgent) Events(ctx context.Context, fn func(localapi.Event) error) error {
-	var s chan localapi.Event
+func (f *fakeAgent) Events(ctx context.Context, fn func(api.Event) error) error {
+	var s chan api.Event
 	select {
 	case s = <-f.streams:
 	case <-ctx.Done():
@@ -79,10 +80,10 @@ func (f *fakeAgent) Events(ctx context.Context, fn func(localapi.Event) error) e
 		}
 	}
 }
-func (f *fakeAgent) requests() []localapi.ParticipationRequest {
+func (f *fakeAgent) requests() []api.ParticipationRequest {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return append([]localapi.ParticipationRequest(nil), f.set...)
+	return append([]api.ParticipationRequest(nil), f.set...)
 }
 
 type fakeUI struct {
@@ -247,9 +248,9 @@ func (h *harness) click(id ItemID) {
 }
 
 // connect opens a stream and sends the first status on it.
-func (h *harness) connect(s *localapi.Status) chan localapi.Event {
-	stream := make(chan localapi.Event, 8)
-	stream <- localapi.Event{Type: localapi.EventStatus, Status: s}
+func (h *harness) connect(s *api.Status) chan api.Event {
+	stream := make(chan api.Event, 8)
+	stream <- api.Event{Type: api.EventStatus, Status: s}
 	h.agent.streams <- stream
 	return stream
 }
@@ -301,17 +302,17 @@ func TestAppLiveChanges(t *testing.T) {
 	h := start(t, "")
 	stream := h.connect(status("declined"))
 	h.waitMenu("declined icon", iconIs(icons.Declined))
-	stream <- localapi.Event{Type: localapi.EventStatus, Status: status("participating", pending(5))}
+	stream <- api.Event{Type: api.EventStatus, Status: status("participating", pending(5))}
 	m := h.waitMenu("participating icon", iconIs(icons.Participating))
 	if !m.Participate.Checked || !m.SendNow.Enabled {
 		t.Errorf("menu after joining: %+v", m)
 	}
-	stream <- localapi.Event{Type: localapi.EventStatus, Status: status("participating", locked)}
+	stream <- api.Event{Type: api.EventStatus, Status: status("participating", locked)}
 	m = h.waitMenu("locked", func(m Menu) bool { return m.Status.Label == "Managed by your organisation" })
 	if m.Participate.Enabled {
 		t.Error("participation can be changed while the policy locks it")
 	}
-	stream <- localapi.Event{Type: localapi.EventAlert, Alert: &localapi.Alert{Program: "miner", Path: "~/Downloads/miner", Verdict: "malicious"}}
+	stream <- api.Event{Type: api.EventAlert, Alert: &api.Alert{Program: "miner", Path: "~/Downloads/miner", Verdict: "malicious"}}
 	n := h.waitNote("miner is malicious")
 	if !strings.Contains(n.Body, "~/Downloads/miner") {
 		t.Errorf("alert body %q does not name the path", n.Body)
@@ -326,7 +327,7 @@ func TestAppInvitesOnce(t *testing.T) {
 	h.waitMenu("undecided icon", iconIs(icons.Undecided))
 	h.waitNote("Help improve cloud protection")
 	// The same state again, and a reconnection, do not nag.
-	stream <- localapi.Event{Type: localapi.EventStatus, Status: status("undecided", pending(0))}
+	stream <- api.Event{Type: api.EventStatus, Status: status("undecided", pending(0))}
 	close(stream)
 	h.connect(status("undecided"))
 	h.waitNote("agent is not running")
@@ -350,12 +351,12 @@ func TestAppParticipate(t *testing.T) {
 		name     string
 		state    string
 		answer   error
-		wantSet  []localapi.ParticipationRequest
+		wantSet  []api.ParticipationRequest
 		wantNote string
 	}{
-		{"join yes", "declined", nil, []localapi.ParticipationRequest{{Participate: true, StatementVersion: 3, Via: "tray"}}, "You participate"},
+		{"join yes", "declined", nil, []api.ParticipationRequest{{Participate: true, StatementVersion: 3, Via: "tray"}}, "You participate"},
 		{"join no", "declined", errNo, nil, ""},
-		{"leave yes", "participating", nil, []localapi.ParticipationRequest{{Participate: false, StatementVersion: 3, Via: "tray"}}, "You no longer participate"},
+		{"leave yes", "participating", nil, []api.ParticipationRequest{{Participate: false, StatementVersion: 3, Via: "tray"}}, "You no longer participate"},
 		{"leave no", "participating", errNo, nil, ""},
 		{"join, question failed", "declined", errors.New("bus gone"), nil, ""},
 	}

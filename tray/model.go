@@ -5,7 +5,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/icons"
 )
 
@@ -15,7 +15,7 @@ const Title = "Cloud protection"
 // View is everything the menu shows, gathered by the tray.
 type View struct {
 	// Status is the agent's latest status, nil while no agent answers.
-	Status *localapi.Status
+	Status *api.Status
 	// Autostart says whether the tray starts at login; AutostartErr is set
 	// when that could not be found out.
 	Autostart    bool
@@ -172,7 +172,7 @@ func Build(v View) Menu {
 	return m
 }
 
-func tooltip(s *localapi.Status, on bool, sent string, locked bool) string {
+func tooltip(s *api.Status, on bool, sent string, locked bool) string {
 	p := s.Participation
 	var t string
 	switch {

@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/icons"
 )
 
@@ -16,10 +16,10 @@ var (
 )
 
 // status builds an agent status; the options adjust it.
-func status(state string, opts ...func(*localapi.Status)) *localapi.Status {
-	s := &localapi.Status{
-		Participation: localapi.Participation{State: state, StatementVersion: 3},
-		Agent:         localapi.AgentInfo{Mode: "system", ExecSource: "fanotify"},
+func status(state string, opts ...func(*api.Status)) *api.Status {
+	s := &api.Status{
+		Participation: api.Participation{State: state, StatementVersion: 3},
+		Agent:         api.AgentInfo{Mode: "system", ExecSource: "fanotify"},
 		CanChange:     true,
 	}
 	if state == "participating" {
@@ -32,22 +32,22 @@ func status(state string, opts ...func(*localapi.Status)) *localapi.Status {
 	return s
 }
 
-func pending(n int) func(*localapi.Status) { return func(s *localapi.Status) { s.Queue.Pending = n } }
-func lastSent(t time.Time) func(*localapi.Status) {
-	return func(s *localapi.Status) { s.Upload.LastUpload = &t }
+func pending(n int) func(*api.Status) { return func(s *api.Status) { s.Queue.Pending = n } }
+func lastSent(t time.Time) func(*api.Status) {
+	return func(s *api.Status) { s.Upload.LastUpload = &t }
 }
-func locked(s *localapi.Status) {
+func locked(s *api.Status) {
 	s.Participation.Locked = true
 	s.Participation.Policy = "/etc/cloudprotect/policy.json"
 }
-func readOnly(s *localapi.Status) { s.CanChange = false }
-func paused(s *localapi.Status) {
+func readOnly(s *api.Status) { s.CanChange = false }
+func paused(s *api.Status) {
 	s.Participation.Paused = true
 	s.Participation.Collecting = false
 	s.Participation.AcceptedVersion = 2
 }
-func limited(reason string) func(*localapi.Status) {
-	return func(s *localapi.Status) { s.Agent.Limited = true; s.Agent.LimitedReason = reason }
+func limited(reason string) func(*api.Status) {
+	return func(s *api.Status) { s.Agent.Limited = true; s.Agent.LimitedReason = reason }
 }
 
 func TestBuild(t *testing.T) {
@@ -201,7 +201,7 @@ func TestBuild(t *testing.T) {
 		},
 		{
 			name: "policy file ignored",
-			view: View{Status: status("declined", func(s *localapi.Status) { s.Participation.PolicyError = "line 3: unknown field \"particpate\"" })},
+			view: View{Status: status("declined", func(s *api.Status) { s.Participation.PolicyError = "line 3: unknown field \"particpate\"" })},
 			want: want{
 				icon: icons.Declined, tooltip: "Cloud protection: off (not participating)",
 				status: "Access to Security Network is disabled", detail: "Policy file ignored: line 3: unknown field \"particpate\"",

@@ -14,6 +14,7 @@ import (
 	"fyne.io/systray"
 	"github.com/godbus/dbus/v5"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/icons"
 )
@@ -93,7 +94,7 @@ func Run(ctx context.Context, opts Options) error {
 	// The icon, title and tooltip are set before systray exports the item:
 	// setting them afterwards races the export (see docs on the startup
 	// race), so the first status is asked for here, briefly.
-	var first *localapi.Status
+	var first *api.Status
 	sctx, scancel := context.WithTimeout(ctx, 300*time.Millisecond)
 	if st, err := client.Status(sctx); err == nil {
 		first = &st

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 )
@@ -37,7 +38,7 @@ func child(op, socket string) int {
 		fmt.Printf("state=%s can_change=%v\n", st.Participation.State, st.CanChange)
 		return 0
 	case op == "participate":
-		_, err := c.SetParticipation(ctx, localapi.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"})
+		_, err := c.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"})
 		var ae *localapi.APIError
 		if errors.As(err, &ae) {
 			fmt.Printf("code=%d hint=%v\n", ae.StatusCode, ae.Hint != "")

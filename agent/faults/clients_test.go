@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 )
 
@@ -175,7 +176,7 @@ func TestSlowEventReaders(t *testing.T) {
 	defer reader.Close()
 	done := make(chan error, 1)
 	go func() {
-		done <- reader.Events(ctx, func(ev localapi.Event) error {
+		done <- reader.Events(ctx, func(ev api.Event) error {
 			mu.Lock()
 			defer mu.Unlock()
 			seen++
@@ -192,9 +193,9 @@ func TestSlowEventReaders(t *testing.T) {
 		// and through the API, alternately.
 		if i%2 == 0 {
 			os.WriteFile(a.Policy, []byte(policy[(i/2)%2]), 0o644)
-			a.waitStatus("the policy to apply", func(s localapi.Status) bool { return s.Participation.Locked })
+			a.waitStatus("the policy to apply", func(s api.Status) bool { return s.Participation.Locked })
 			os.Remove(a.Policy)
-			a.waitStatus("the policy to go", func(s localapi.Status) bool { return !s.Participation.Locked })
+			a.waitStatus("the policy to go", func(s api.Status) bool { return !s.Participation.Locked })
 		} else {
 			a.setParticipation(i%4 == 1)
 		}

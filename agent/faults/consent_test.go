@@ -9,8 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Participate and leave in a tight loop while programs run. After every
@@ -135,12 +136,12 @@ func TestWithdrawDuringUpload(t *testing.T) {
 				a.leave()
 			case "policy":
 				os.WriteFile(a.Policy, []byte(`{"participation":"off"}`), 0o644)
-				a.waitStatus("the policy to apply", func(s localapi.Status) bool { return !s.Participation.Collecting })
+				a.waitStatus("the policy to apply", func(s api.Status) bool { return !s.Participation.Collecting })
 			}
 			withdrawn := time.Now()
 			// The purge follows the policy change at once (the answer to a
 			// leave waits for it).
-			a.waitStatus("the queue to be purged", func(s localapi.Status) bool { return s.Queue.Records == 0 })
+			a.waitStatus("the queue to be purged", func(s api.Status) bool { return s.Queue.Records == 0 })
 			st := a.status()
 			if st.Queue.Records != 0 || st.Participation.Collecting {
 				t.Fatalf("after withdrawing: collecting=%v records=%d", st.Participation.Collecting, st.Queue.Records)
@@ -150,7 +151,7 @@ func TestWithdrawDuringUpload(t *testing.T) {
 			front.unhold()
 			front.set("good")
 			<-upDone
-			a.waitStatus("the deletion to be confirmed", func(s localapi.Status) bool {
+			a.waitStatus("the deletion to be confirmed", func(s api.Status) bool {
 				return !s.Upload.DeletionPending && !s.Upload.Registered
 			})
 			time.Sleep(1500 * time.Millisecond) // a queue commit's time for anything left to show

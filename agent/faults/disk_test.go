@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/queue"
 )
 
@@ -79,7 +79,7 @@ func TestDiskFull(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	st := a.waitStatus("the status to say the state folder is full", func(s localapi.Status) bool {
+	st := a.waitStatus("the status to say the state folder is full", func(s api.Status) bool {
 		return s.Agent.Limited && strings.Contains(s.Agent.LimitedReason, "cannot be written")
 	})
 	if !a.running() || !st.Participation.Collecting {
@@ -95,7 +95,7 @@ func TestDiskFull(t *testing.T) {
 	if bad := a.corruptFiles(); len(bad) > 0 {
 		t.Fatalf("files set aside: %v", bad)
 	}
-	a.waitStatus("the status to stop reporting the full disk", func(s localapi.Status) bool {
+	a.waitStatus("the status to stop reporting the full disk", func(s api.Status) bool {
 		return !strings.Contains(s.Agent.LimitedReason, "cannot be written")
 	})
 
@@ -128,11 +128,11 @@ func TestLeaveWithFullDisk(t *testing.T) {
 		runN(t, p, 1)
 		sums = append(sums, sum)
 	}
-	a.waitStatus("records to be queued", func(s localapi.Status) bool { return s.Queue.Records >= 20 })
+	a.waitStatus("records to be queued", func(s api.Status) bool { return s.Queue.Records >= 20 })
 	filler := fill(t, state)
 	defer os.Remove(filler)
 
-	_, err := a.Client.SetParticipation(t.Context(), localapi.ParticipationRequest{Participate: false, Via: "cli"})
+	_, err := a.Client.SetParticipation(t.Context(), api.ParticipationRequest{Participate: false, Via: "cli"})
 	st := a.status()
 	if err != nil || st.Participation.Collecting || st.Agent.ExecSource != "" {
 		t.Fatalf("leaving with a full disk (answer: %v): collecting=%v source=%q",

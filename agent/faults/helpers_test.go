@@ -19,11 +19,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // childEnv turns the test binary into a local API client (see child).
@@ -330,7 +331,7 @@ func tail(s string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-func (a *agentProc) status() localapi.Status {
+func (a *agentProc) status() api.Status {
 	a.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -341,21 +342,21 @@ func (a *agentProc) status() localapi.Status {
 	return st
 }
 
-func (a *agentProc) participate() localapi.Status {
+func (a *agentProc) participate() api.Status {
 	a.t.Helper()
 	return a.setParticipation(true)
 }
 
-func (a *agentProc) leave() localapi.Status {
+func (a *agentProc) leave() api.Status {
 	a.t.Helper()
 	return a.setParticipation(false)
 }
 
-func (a *agentProc) setParticipation(on bool) localapi.Status {
+func (a *agentProc) setParticipation(on bool) api.Status {
 	a.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	req := localapi.ParticipationRequest{Participate: on, Via: "cli"}
+	req := api.ParticipationRequest{Participate: on, Via: "cli"}
 	if on {
 		req.StatementVersion = consent.StatementVersion
 	}
@@ -367,7 +368,7 @@ func (a *agentProc) setParticipation(on bool) localapi.Status {
 }
 
 // waitStatus waits (bounded) until the status satisfies ok.
-func (a *agentProc) waitStatus(what string, ok func(localapi.Status) bool) localapi.Status {
+func (a *agentProc) waitStatus(what string, ok func(api.Status) bool) api.Status {
 	a.t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -385,13 +386,13 @@ func (a *agentProc) waitStatus(what string, ok func(localapi.Status) bool) local
 // waitCollecting waits until the exec source runs.
 func (a *agentProc) waitCollecting() {
 	a.t.Helper()
-	a.waitStatus("collection to start", func(s localapi.Status) bool {
+	a.waitStatus("collection to start", func(s api.Status) bool {
 		return s.Participation.Collecting && s.Agent.ExecSource != ""
 	})
 }
 
 // queued returns the records the next upload would send, by SHA-256.
-func (a *agentProc) queued() (localapi.QueuePreview, map[string]wire.Record) {
+func (a *agentProc) queued() (api.QueuePreview, map[string]wire.Record) {
 	a.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

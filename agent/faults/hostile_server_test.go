@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // hostileFront stands between the agent and the real reference cloud:

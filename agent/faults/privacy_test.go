@@ -20,8 +20,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
 )
 
 // tap is a TCP proxy on loopback that records every byte clients send
@@ -262,7 +262,7 @@ func TestPrivacyEveryByteSent(t *testing.T) {
 	// Leave: after the answer, only the deletion request may go out.
 	a.leave()
 	leftAt := tp.mark()
-	a.waitStatus("the deletion to be confirmed", func(s localapi.Status) bool { return !s.Upload.DeletionPending })
+	a.waitStatus("the deletion to be confirmed", func(s api.Status) bool { return !s.Upload.DeletionPending })
 	// Programs keep running after leaving.
 	runN(t, tool, 2)
 	time.Sleep(1500 * time.Millisecond)

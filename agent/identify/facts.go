@@ -5,7 +5,7 @@
 // and never its contents, leaves this package.
 package identify
 
-import "github.com/cloudprotect/cloudprotect/server/wire"
+import "github.com/cloudprotect/cloudprotect/wire"
 
 // Facts is what is known about one executable file; its fields are the
 // ones the Security Network Statement lists (see wire.Facts).

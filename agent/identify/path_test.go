@@ -1,7 +1,7 @@
 package identify
 
 import (
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 
 	"strings"
 	"testing"

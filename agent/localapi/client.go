@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/api"
 )
 
 // SystemSocket is where the system agent listens.
@@ -80,37 +82,37 @@ func (c *Client) Socket() string { return c.socket }
 func (c *Client) Close() { c.http.CloseIdleConnections() }
 
 // Status returns the agent's status as seen by the caller.
-func (c *Client) Status(ctx context.Context) (Status, error) {
-	var s Status
+func (c *Client) Status(ctx context.Context) (api.Status, error) {
+	var s api.Status
 	err := c.do(ctx, http.MethodGet, "/v1/status", nil, &s)
 	return s, err
 }
 
 // Statement returns the Security Network Statement the agent ships.
-func (c *Client) Statement(ctx context.Context) (Statement, error) {
-	var s Statement
+func (c *Client) Statement(ctx context.Context) (api.Statement, error) {
+	var s api.Statement
 	err := c.do(ctx, http.MethodGet, "/v1/statement", nil, &s)
 	return s, err
 }
 
 // SetParticipation asks the agent to participate or leave, and returns the
 // status after the change.
-func (c *Client) SetParticipation(ctx context.Context, req ParticipationRequest) (Status, error) {
-	var s Status
+func (c *Client) SetParticipation(ctx context.Context, req api.ParticipationRequest) (api.Status, error) {
+	var s api.Status
 	err := c.do(ctx, http.MethodPut, "/v1/participation", req, &s)
 	return s, err
 }
 
 // Queue returns exactly what the next upload would send.
-func (c *Client) Queue(ctx context.Context) (QueuePreview, error) {
-	var q QueuePreview
+func (c *Client) Queue(ctx context.Context) (api.QueuePreview, error) {
+	var q api.QueuePreview
 	err := c.do(ctx, http.MethodGet, "/v1/queue", nil, &q)
 	return q, err
 }
 
 // Upload asks the agent to send pending statistics now.
-func (c *Client) Upload(ctx context.Context) (UploadResult, error) {
-	var r UploadResult
+func (c *Client) Upload(ctx context.Context) (api.UploadResult, error) {
+	var r api.UploadResult
 	err := c.do(ctx, http.MethodPost, "/v1/upload", struct{}{}, &r)
 	return r, err
 }
@@ -119,7 +121,7 @@ func (c *Client) Upload(ctx context.Context) (UploadResult, error) {
 // stream ends, ctx is cancelled or fn returns an error. The first event is
 // the current status. It returns an error wrapping ErrUnreachable when the
 // agent could not be reached or went away.
-func (c *Client) Events(ctx context.Context, fn func(Event) error) error {
+func (c *Client) Events(ctx context.Context, fn func(api.Event) error) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent/v1/events", nil)
 	if err != nil {
 		return err
@@ -138,7 +140,7 @@ func (c *Client) Events(ctx context.Context, fn func(Event) error) error {
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 4<<20)
 	for sc.Scan() {
-		var ev Event
+		var ev api.Event
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
 			return fmt.Errorf("decode event: %w", err)
 		}
@@ -189,7 +191,7 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 }
 
 func decodeError(resp *http.Response) error {
-	var e Error
+	var e api.Error
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if json.Unmarshal(b, &e) != nil || e.Error == "" {
 		e.Error = fmt.Sprintf("agent answered %s", resp.Status)

@@ -1,6 +1,10 @@
 package localapi
 
-import "sync"
+import (
+	"sync"
+
+	"github.com/cloudprotect/cloudprotect/agent/api"
+)
 
 // hubBuffer is how many events a subscriber may fall behind before it is
 // dropped; a dropped client reconnects and starts from the current status.
@@ -11,16 +15,16 @@ const hubBuffer = 32
 // reader costs a bounded buffer and nothing else.
 type Hub struct {
 	mu   sync.Mutex // protects subs
-	subs map[chan Event]struct{}
+	subs map[chan api.Event]struct{}
 }
 
 // NewHub returns an empty hub.
-func NewHub() *Hub { return &Hub{subs: make(map[chan Event]struct{})} }
+func NewHub() *Hub { return &Hub{subs: make(map[chan api.Event]struct{})} }
 
 // Subscribe returns a channel of events and a function that ends the
 // subscription. The channel is closed when the subscriber fell behind.
-func (h *Hub) Subscribe() (<-chan Event, func()) {
-	ch := make(chan Event, hubBuffer)
+func (h *Hub) Subscribe() (<-chan api.Event, func()) {
+	ch := make(chan api.Event, hubBuffer)
 	h.mu.Lock()
 	h.subs[ch] = struct{}{}
 	h.mu.Unlock()
@@ -35,7 +39,7 @@ func (h *Hub) Subscribe() (<-chan Event, func()) {
 }
 
 // Publish sends ev to every subscriber.
-func (h *Hub) Publish(ev Event) {
+func (h *Hub) Publish(ev api.Event) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for ch := range h.subs {

@@ -8,6 +8,8 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+
+	"github.com/cloudprotect/cloudprotect/agent/api"
 )
 
 // FuzzParticipationRequest sends arbitrary bodies, methods and paths to
@@ -64,7 +66,7 @@ func FuzzParticipationRequest(f *testing.F) {
 			t.Fatalf("%s %s: content type %q", method, path, ct)
 		}
 		if res.StatusCode != 200 && path != "/v1/upload" {
-			var e Error
+			var e api.Error
 			if err := json.Unmarshal(rec.Body.Bytes(), &e); err != nil || e.Error == "" {
 				t.Fatalf("%s %s: error answer %q is not a JSON error (%v)", method, path, rec.Body.Bytes(), err)
 			}
@@ -73,7 +75,7 @@ func FuzzParticipationRequest(f *testing.F) {
 			if method != http.MethodPut || path != "/v1/participation" {
 				t.Fatalf("%s %s reached SetParticipation", method, path)
 			}
-			var req ParticipationRequest
+			var req api.ParticipationRequest
 			dec := json.NewDecoder(strings.NewReader(string(body)))
 			dec.DisallowUnknownFields()
 			if err := dec.Decode(&req); err != nil || len(body) > maxBody {

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 )
 
@@ -22,13 +23,13 @@ const maxBody = 16 << 10
 // Backend is what the local API serves. The agent implements it.
 type Backend interface {
 	// Status returns the status; the server fills in CanChange per caller.
-	Status() Status
+	Status() api.Status
 	// SetParticipation applies a decision made by uid.
-	SetParticipation(req ParticipationRequest, uid int) (Status, error)
+	SetParticipation(req api.ParticipationRequest, uid int) (api.Status, error)
 	// QueuePreview returns exactly what the next upload would send.
-	QueuePreview(ctx context.Context) (QueuePreview, error)
+	QueuePreview(ctx context.Context) (api.QueuePreview, error)
 	// Upload sends pending statistics now.
-	Upload(ctx context.Context) (UploadResult, error)
+	Upload(ctx context.Context) (api.UploadResult, error)
 	// Events returns the hub status and alert events are published on.
 	Events() *Hub
 }
@@ -164,7 +165,7 @@ func (s *Server) Serve(ctx context.Context) error {
 
 func (s *Server) caller(r *http.Request) (Cred, bool) { return CredFrom(r.Context()) }
 
-func (s *Server) statusFor(r *http.Request, st Status) Status {
+func (s *Server) statusFor(r *http.Request, st api.Status) api.Status {
 	c, ok := s.caller(r)
 	st.CanChange = ok && s.canChange(c)
 	return st
@@ -175,7 +176,7 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) statement(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, http.StatusOK, Statement{
+	writeJSON(w, http.StatusOK, api.Statement{
 		Version: consent.StatementVersion,
 		Title:   consent.StatementTitle,
 		Summary: consent.StatementSummary,
@@ -196,7 +197,7 @@ func (s *Server) participation(w http.ResponseWriter, r *http.Request) {
 			"run the command as root (sudo) or as a member of the administrators' group")
 		return
 	}
-	var req ParticipationRequest
+	var req api.ParticipationRequest
 	if !decodeBody(w, r, &req) {
 		return
 	}
@@ -237,7 +238,7 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.Header().Set("Cache-Control", "no-store")
 	enc := json.NewEncoder(w)
-	send := func(ev Event) bool {
+	send := func(ev api.Event) bool {
 		if ev.Status != nil {
 			st := s.statusFor(r, *ev.Status)
 			ev.Status = &st
@@ -250,7 +251,7 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 		return rc.Flush() == nil
 	}
 	st := s.backend.Status()
-	if !send(Event{Type: EventStatus, Time: time.Now().UTC(), Status: &st}) {
+	if !send(api.Event{Type: api.EventStatus, Time: time.Now().UTC(), Status: &st}) {
 		return
 	}
 	for {
@@ -308,7 +309,7 @@ func writeBackendError(w http.ResponseWriter, err error) {
 }
 
 func writeError(w http.ResponseWriter, code int, msg, hint string) {
-	writeJSON(w, code, Error{Error: msg, Hint: hint})
+	writeJSON(w, code, api.Error{Error: msg, Hint: hint})
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

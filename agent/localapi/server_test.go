@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"go.uber.org/goleak"
 )
 
@@ -21,29 +22,31 @@ type fakeBackend struct {
 	hub *Hub
 
 	mu    sync.Mutex // protects calls
-	calls []ParticipationRequest
+	calls []api.ParticipationRequest
 }
 
 func newFakeBackend() *fakeBackend { return &fakeBackend{hub: NewHub()} }
 
-func (b *fakeBackend) Status() Status {
-	return Status{Participation: Participation{State: "undecided", StatementVersion: 1}}
+func (b *fakeBackend) Status() api.Status {
+	return api.Status{Participation: api.Participation{State: "undecided", StatementVersion: 1}}
 }
 
-func (b *fakeBackend) SetParticipation(req ParticipationRequest, uid int) (Status, error) {
+func (b *fakeBackend) SetParticipation(req api.ParticipationRequest, uid int) (api.Status, error) {
 	b.mu.Lock()
 	b.calls = append(b.calls, req)
 	b.mu.Unlock()
 	if req.Via == "" {
-		return Status{}, &HTTPError{Code: http.StatusBadRequest, Msg: "via is missing", Hint: "send via"}
+		return api.Status{}, &HTTPError{Code: http.StatusBadRequest, Msg: "via is missing", Hint: "send via"}
 	}
 	return b.Status(), nil
 }
 
-func (b *fakeBackend) QueuePreview(context.Context) (QueuePreview, error) { return QueuePreview{}, nil }
+func (b *fakeBackend) QueuePreview(context.Context) (api.QueuePreview, error) {
+	return api.QueuePreview{}, nil
+}
 
-func (b *fakeBackend) Upload(context.Context) (UploadResult, error) {
-	return UploadResult{}, errors.New("nothing")
+func (b *fakeBackend) Upload(context.Context) (api.UploadResult, error) {
+	return api.UploadResult{}, errors.New("nothing")
 }
 
 func (b *fakeBackend) Events() *Hub { return b.hub }

@@ -24,7 +24,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/cloudprotect/cloudprotect/agent/identify"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Defaults of Options.

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/identify"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Record is the aggregated statistics of one executable, as stored.

@@ -9,14 +9,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // TestMaliciousHashRaisesAnAlertWithTheRealServer runs the reference
@@ -51,11 +51,11 @@ func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	var mu sync.Mutex
-	var alerts []localapi.Alert
+	var alerts []api.Alert
 	c, err := reputation.New(reputation.Options{
 		Lookup:  up,
 		Allowed: func() bool { return true },
-		Alert: func(a localapi.Alert) {
+		Alert: func(a api.Alert) {
 			mu.Lock()
 			alerts = append(alerts, a)
 			mu.Unlock()
@@ -93,7 +93,7 @@ func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 	mu.Lock()
 	got := alerts
 	mu.Unlock()
-	want := localapi.Alert{SHA256: evil, Path: "~/Downloads/invoice.pdf.sh", Program: "invoice.pdf.sh", Verdict: wire.VerdictMalicious}
+	want := api.Alert{SHA256: evil, Path: "~/Downloads/invoice.pdf.sh", Program: "invoice.pdf.sh", Verdict: wire.VerdictMalicious}
 	if len(got) != 1 || got[0] != want {
 		t.Errorf("alerts = %+v; want [%+v]", got, want)
 	}

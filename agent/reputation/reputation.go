@@ -15,9 +15,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Defaults of Options.
@@ -45,7 +45,7 @@ type Options struct {
 	Allowed func() bool
 	// Alert receives "malicious" and "untrusted" verdicts, from Serve's
 	// goroutine, without locks held. It must not block for long.
-	Alert func(localapi.Alert)
+	Alert func(api.Alert)
 	// Clock is the time; nil means upload.SystemClock.
 	Clock upload.Clock
 	// Logger receives what happens; nil discards.
@@ -346,7 +346,7 @@ func (c *Checker) lookup(ctx context.Context) {
 	}
 	c.failures, c.retryAt = 0, time.Time{}
 	c.stats.Lookups++
-	var alerts []localapi.Alert
+	var alerts []api.Alert
 	for _, r := range reps {
 		p, ok := c.inflight[r.SHA256]
 		if !ok {
@@ -356,7 +356,7 @@ func (c *Checker) lookup(ctx context.Context) {
 			c.storeLocked(r.SHA256, r.Verdict, now.Add(time.Duration(r.TTLSeconds)*time.Second))
 		}
 		if r.Verdict == wire.VerdictMalicious || r.Verdict == wire.VerdictUntrusted {
-			alerts = append(alerts, localapi.Alert{SHA256: r.SHA256, Path: p, Program: path.Base(p), Verdict: r.Verdict})
+			alerts = append(alerts, api.Alert{SHA256: r.SHA256, Path: p, Program: path.Base(p), Verdict: r.Verdict})
 			c.stats.Alerts++
 		}
 	}

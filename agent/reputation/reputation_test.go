@@ -15,11 +15,11 @@ import (
 
 	"go.uber.org/goleak"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 func TestMain(m *testing.M) {
@@ -92,7 +92,7 @@ type rig struct {
 	c       *reputation.Checker
 	allowed atomic.Bool
 	mu      sync.Mutex
-	alerts  []localapi.Alert
+	alerts  []api.Alert
 }
 
 func newRig(t *testing.T, tweak func(*reputation.Options)) *rig {
@@ -101,7 +101,7 @@ func newRig(t *testing.T, tweak func(*reputation.Options)) *rig {
 	opts := reputation.Options{
 		Lookup:  r.lk,
 		Allowed: r.allowed.Load,
-		Alert: func(a localapi.Alert) {
+		Alert: func(a api.Alert) {
 			r.mu.Lock()
 			r.alerts = append(r.alerts, a)
 			r.mu.Unlock()
@@ -129,7 +129,7 @@ func newRig(t *testing.T, tweak func(*reputation.Options)) *rig {
 	return r
 }
 
-func (r *rig) gotAlerts() []localapi.Alert {
+func (r *rig) gotAlerts() []api.Alert {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return slices.Clone(r.alerts)
@@ -210,8 +210,8 @@ func TestBadVerdictsRaiseAlerts(t *testing.T) {
 	r.clk.Advance(2 * time.Second)
 	eventually(t, "two alerts", func() bool { return len(r.gotAlerts()) == 2 })
 	got := r.gotAlerts()
-	slices.SortFunc(got, func(a, b localapi.Alert) int { return strings.Compare(a.Verdict, b.Verdict) })
-	want := []localapi.Alert{
+	slices.SortFunc(got, func(a, b api.Alert) int { return strings.Compare(a.Verdict, b.Verdict) })
+	want := []api.Alert{
 		{SHA256: hash(1), Path: "~/Downloads/tool-1", Program: "tool-1", Verdict: wire.VerdictMalicious},
 		{SHA256: hash(2), Path: "~/Downloads/tool-2", Program: "tool-2", Verdict: wire.VerdictUntrusted},
 	}

@@ -9,7 +9,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // BenchmarkWireBytesPerRecord measures what the uploader puts on the wire

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // stateOnDisk reads the state file as JSON.

@@ -10,7 +10,7 @@ import (
 	"testing"
 
 	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // FuzzParseResponse feeds hostile answers to the agent's response

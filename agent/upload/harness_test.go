@@ -22,7 +22,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 func TestMain(m *testing.M) {

@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/internal/atomicfile"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // stateVersion is the format of the state file.

@@ -10,8 +10,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Defaults of Options.
@@ -161,7 +161,7 @@ type encoded struct {
 }
 
 type sendReply struct {
-	res localapi.UploadResult
+	res api.UploadResult
 	err error
 }
 
@@ -315,11 +315,11 @@ func (u *Uploader) saveLocked() error {
 }
 
 // Status returns what the local API shows of the upload.
-func (u *Uploader) Status() localapi.UploadInfo {
+func (u *Uploader) Status() api.UploadInfo {
 	server := u.opts.Server()
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	info := localapi.UploadInfo{
+	info := api.UploadInfo{
 		Server:          server,
 		Registered:      u.st.Installation != nil,
 		LastError:       u.lastErr,
@@ -453,21 +453,21 @@ func (u *Uploader) schedule() (time.Duration, bool) {
 // sendAtOnce serves SendNow: deletion requests and the whole queue,
 // ignoring the backoff of earlier failures but not a server's
 // Retry-After.
-func (u *Uploader) sendAtOnce(ctx context.Context) (localapi.UploadResult, error) {
+func (u *Uploader) sendAtOnce(ctx context.Context) (api.UploadResult, error) {
 	defer u.deleteDue(ctx, true)
 	if !u.opts.Allowed() {
-		return localapi.UploadResult{Pending: u.opts.Queue.Pending()}, ErrNotParticipating
+		return api.UploadResult{Pending: u.opts.Queue.Pending()}, ErrNotParticipating
 	}
 	now := u.clock.Now()
 	u.mu.Lock()
 	wait := u.serverWait
 	u.mu.Unlock()
 	if now.Before(wait) {
-		return localapi.UploadResult{Pending: u.opts.Queue.Pending()},
+		return api.UploadResult{Pending: u.opts.Queue.Pending()},
 			fmt.Errorf("send now: the server asked to wait until %s", wait.UTC().Format(time.RFC3339))
 	}
 	sent, err := u.drain(ctx)
-	res := localapi.UploadResult{Sent: sent, Pending: u.opts.Queue.Pending()}
+	res := api.UploadResult{Sent: sent, Pending: u.opts.Queue.Pending()}
 	switch {
 	case err != nil:
 		res.Message = fmt.Sprintf("sent %d records before an error", sent)
@@ -847,21 +847,21 @@ func (u *Uploader) deleteOne(ctx context.Context, d Deletion) error {
 // for `cloudprotect send` and the tray's "Send now". It ignores the
 // backoff of earlier failures but honours a server's Retry-After. It
 // needs Serve to run.
-func (u *Uploader) SendNow(ctx context.Context) (localapi.UploadResult, error) {
+func (u *Uploader) SendNow(ctx context.Context) (api.UploadResult, error) {
 	if !u.opts.Allowed() {
-		return localapi.UploadResult{}, ErrNotParticipating
+		return api.UploadResult{}, ErrNotParticipating
 	}
 	reply := make(chan sendReply, 1)
 	select {
 	case u.sendNow <- reply:
 	case <-ctx.Done():
-		return localapi.UploadResult{}, ctx.Err()
+		return api.UploadResult{}, ctx.Err()
 	}
 	select {
 	case r := <-reply:
 		return r.res, r.err
 	case <-ctx.Done():
-		return localapi.UploadResult{}, ctx.Err()
+		return api.UploadResult{}, ctx.Err()
 	}
 }
 

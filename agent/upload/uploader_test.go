@@ -17,7 +17,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // wantAllDelivered checks that the server counted every record of the

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/server/store"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Defaults for Rules.

@@ -5,7 +5,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/server/store"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 func TestDecide(t *testing.T) {

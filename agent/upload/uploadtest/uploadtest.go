@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Clock is a fake upload.Clock. Its timers fire only when Advance moves

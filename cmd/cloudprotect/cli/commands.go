@@ -9,7 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/api"
 )
 
 func cmdStatus(ctx context.Context, r *runner, args []string) error {
@@ -29,7 +29,7 @@ func cmdStatus(ctx context.Context, r *runner, args []string) error {
 }
 
 // Headline says the state of cloud protection in one line.
-func Headline(st localapi.Status) string {
+func Headline(st api.Status) string {
 	p := st.Participation
 	switch {
 	case p.Locked && p.State == "participating":
@@ -47,7 +47,7 @@ func Headline(st localapi.Status) string {
 	}
 }
 
-func printStatus(w io.Writer, st localapi.Status) {
+func printStatus(w io.Writer, st api.Status) {
 	p := st.Participation
 	fmt.Fprintln(w, Headline(st))
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -134,7 +134,7 @@ func cmdParticipate(ctx context.Context, r *runner, args []string) error {
 			return nil
 		}
 	}
-	st, err := r.client.SetParticipation(ctx, localapi.ParticipationRequest{
+	st, err := r.client.SetParticipation(ctx, api.ParticipationRequest{
 		Participate: true, StatementVersion: s.Version, Via: "cli",
 	})
 	if err != nil {
@@ -161,7 +161,7 @@ func cmdLeave(ctx context.Context, r *runner, args []string) error {
 			return nil
 		}
 	}
-	st, err := r.client.SetParticipation(ctx, localapi.ParticipationRequest{Participate: false, Via: "cli"})
+	st, err := r.client.SetParticipation(ctx, api.ParticipationRequest{Participate: false, Via: "cli"})
 	if err != nil {
 		return r.wrap(err)
 	}

@@ -9,6 +9,7 @@ import (
 	"path"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 )
@@ -101,7 +102,7 @@ func openRecord(l Layout) (*consent.Manager, error) {
 // written in its state folder through package consent, with the same
 // checks the agent makes (a policy that locks participation refuses).
 func RecordConsent(ctx context.Context, l Layout, participate bool, uid int) (Recorded, error) {
-	req := localapi.ParticipationRequest{Participate: participate, Via: string(consent.ViaInstall)}
+	req := api.ParticipationRequest{Participate: participate, Via: string(consent.ViaInstall)}
 	if participate {
 		req.StatementVersion = consent.StatementVersion
 	}

@@ -1,9 +1,13 @@
-package localapi
+// Package api holds the messages of the agent's local API: the status, the
+// statement, participation requests, queue previews, upload results, alerts
+// and events. The agent's components, the local API server and its clients
+// (CLI, tray) share these types; the package imports nothing of theirs.
+package api
 
 import (
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/server/wire"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // Status is the answer to GET /v1/status and the payload of "status" events.
