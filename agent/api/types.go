@@ -16,6 +16,10 @@ type Status struct {
 	Agent         AgentInfo     `json:"agent"`
 	Queue         QueueInfo     `json:"queue"`
 	Upload        UploadInfo    `json:"upload"`
+	// Protection is blocking at exec; Alerts counts the recent alerts the
+	// caller may see.
+	Protection ProtectionInfo `json:"protection"`
+	Alerts     int            `json:"alerts"`
 	// CanChange reports whether the caller who asked may change
 	// participation (root, the admin group, or the owner in user mode).
 	CanChange bool `json:"can_change"`
@@ -139,12 +143,79 @@ type Event struct {
 	Alert  *Alert    `json:"alert,omitempty"`
 }
 
-// Alert is a reputation verdict the person should know about.
+// Alert is a reputation verdict the person should know about. Its text is
+// built from the agent's own facts (the path it saw, the verdict, where
+// the verdict came from), never from strings the server chose.
 type Alert struct {
-	SHA256  string `json:"sha256"`
-	Path    string `json:"path"`    // anonymised path of the program
-	Program string `json:"program"` // base name, for the notification
-	Verdict string `json:"verdict"` // "malicious" or "untrusted"
+	// ID increases with every alert the agent raises, so a client can
+	// tell which alerts it has already shown.
+	ID      uint64    `json:"id,omitempty"`
+	Time    time.Time `json:"time,omitzero"`
+	SHA256  string    `json:"sha256"`
+	Path    string    `json:"path"`    // anonymised path of the program
+	Program string    `json:"program"` // base name, for the notification
+	Verdict string    `json:"verdict"` // "malicious" or "untrusted"
+	// Source is where the verdict came from ("feed", "analyst", …).
+	Source string `json:"source,omitempty"`
+	// Action is what the agent did: AlertActionAlerted (the program ran)
+	// or AlertActionBlocked (its execution was denied).
+	Action string `json:"action,omitempty"`
+}
+
+// What the agent did about an alert.
+const (
+	AlertActionAlerted = "alerted"
+	AlertActionBlocked = "blocked"
+)
+
+// AlertList is the answer to GET /v1/alerts: the recent alerts the caller
+// may see, newest first (root and the admin group see all; others see the
+// alerts of programs they ran).
+type AlertList struct {
+	Alerts []Alert `json:"alerts"`
+}
+
+// ProtectionInfo is the protection part of the status: whether programs
+// the Security Network knows to be malicious are blocked before they run.
+type ProtectionInfo struct {
+	// Mode is the policy's "block" or "alert".
+	Mode string `json:"mode"`
+	// Active is true while executions are checked before they run (the
+	// person participates, Mode is "block" and the kernel supports it).
+	Active bool `json:"active"`
+	// Reason says why blocking is not active when Mode is "block".
+	Reason string `json:"reason,omitempty"`
+	// Blocked counts programs denied; Held counts executions held while
+	// the cloud was asked.
+	Blocked uint64 `json:"blocked"`
+	Held    uint64 `json:"held"`
+	// LastBlock is the most recent block the caller may see.
+	LastBlock *Alert `json:"last_block,omitempty"`
+	// Exceptions is the number of local exceptions (cloudprotect allow).
+	Exceptions int `json:"exceptions"`
+}
+
+// Exception is a program an administrator allowed on this machine whatever
+// the Security Network says (cloudprotect allow).
+type Exception struct {
+	SHA256 string    `json:"sha256"`
+	Reason string    `json:"reason"`
+	Added  time.Time `json:"added,omitzero"`
+	// UID is who added it.
+	UID int `json:"uid"`
+}
+
+// ExceptionRequest is the body of PUT /v1/exceptions: add (or, with
+// Remove, remove) a local exception.
+type ExceptionRequest struct {
+	SHA256 string `json:"sha256"`
+	Reason string `json:"reason,omitempty"`
+	Remove bool   `json:"remove,omitempty"`
+}
+
+// ExceptionList is the answer to GET /v1/exceptions.
+type ExceptionList struct {
+	Exceptions []Exception `json:"exceptions"`
 }
 
 // Error is the body of every error answer.

@@ -224,9 +224,18 @@ func TestPolicyParse(t *testing.T) {
 		want       Policy
 		wantErr    string
 	}{
-		{"default", `{}`, Policy{Participation: "user"}, ""},
-		{"full", `{"participation":"off","admin_group":"admins","server":"https://cloud.example"}`,
-			Policy{Participation: "off", AdminGroup: "admins", Server: "https://cloud.example"}, ""},
+		{"default", `{}`, Policy{Participation: "user", Protection: "block"}, ""},
+		{"full", `{"participation":"off","admin_group":"admins","server":"https://cloud.example",` +
+			`"ca_file":"/etc/cloudprotect/ca.pem","enroll_secret_file":"/etc/cloudprotect/enroll.secret",` +
+			`"protection":"alert","first_sight_timeout_ms":3000}`,
+			Policy{Participation: "off", AdminGroup: "admins", Server: "https://cloud.example",
+				CAFile: "/etc/cloudprotect/ca.pem", EnrollSecretFile: "/etc/cloudprotect/enroll.secret",
+				Protection: "alert", FirstSightTimeoutMS: 3000}, ""},
+		{"relative ca file", `{"ca_file":"ca.pem"}`, Policy{}, "not an absolute path"},
+		{"relative secret file", `{"enroll_secret_file":"secret"}`, Policy{}, "not an absolute path"},
+		{"bad protection", `{"protection":"deny"}`, Policy{}, `use "block" or "alert"`},
+		{"negative first sight", `{"first_sight_timeout_ms":-1}`, Policy{}, "first_sight_timeout_ms is -1"},
+		{"first sight too long", `{"first_sight_timeout_ms":60001}`, Policy{}, "to 60000"},
 		{"unknown field", `{"participate":"on"}`, Policy{}, "unknown field"},
 		{"bad mode", `{"participation":"yes"}`, Policy{}, `use "user", "on" or "off"`},
 		{"bad group", `{"admin_group":"x y"}`, Policy{}, "not a valid group name"},

@@ -10,7 +10,9 @@ import (
 	"net/url"
 	"os"
 	"os/user"
+	"path/filepath"
 	"regexp"
+	"time"
 )
 
 // DefaultPolicyPath is where administrators put the policy file.
@@ -28,7 +30,10 @@ const (
 
 // Policy is an administrator's policy, read from /etc/cloudprotect/policy.json:
 //
-//	{"participation": "off", "admin_group": "sudo", "server": "https://…"}
+//	{"participation": "off", "admin_group": "sudo", "server": "https://…",
+//	 "ca_file": "/etc/cloudprotect/ca.pem",
+//	 "enroll_secret_file": "/etc/cloudprotect/enroll.secret",
+//	 "protection": "block", "first_sight_timeout_ms": 1500}
 //
 // Every field is optional. Unknown fields are an error, so a misspelt
 // setting is reported rather than silently ignored.
@@ -40,6 +45,39 @@ type Policy struct {
 	AdminGroup string `json:"admin_group,omitempty"`
 	// Server is the Security Network's URL, overriding the agent's flag.
 	Server string `json:"server,omitempty"`
+	// CAFile names a PEM file of certificate authorities the agent trusts
+	// for Server, in place of the system's (a private Security Network).
+	CAFile string `json:"ca_file,omitempty"`
+	// EnrollSecretFile names a file holding the secret a private Security
+	// Network asks for when an installation registers.
+	EnrollSecretFile string `json:"enroll_secret_file,omitempty"`
+	// Protection is "block" (the default: programs the Security Network
+	// knows to be malicious are denied before they run) or "alert" (they
+	// run and the person is told).
+	Protection string `json:"protection,omitempty"`
+	// FirstSightTimeoutMS bounds how long an unfamiliar program is held
+	// while the agent asks the cloud (default DefaultFirstSightTimeout).
+	FirstSightTimeoutMS int `json:"first_sight_timeout_ms,omitempty"`
+}
+
+// Protection modes a policy can set.
+const (
+	ProtectionBlock = "block"
+	ProtectionAlert = "alert"
+)
+
+// Bounds of first_sight_timeout_ms.
+const (
+	DefaultFirstSightTimeout = 1500 * time.Millisecond
+	MaxFirstSightTimeout     = 60 * time.Second
+)
+
+// FirstSightTimeout is how long an unfamiliar program may be held.
+func (p Policy) FirstSightTimeout() time.Duration {
+	if p.FirstSightTimeoutMS <= 0 {
+		return DefaultFirstSightTimeout
+	}
+	return time.Duration(p.FirstSightTimeoutMS) * time.Millisecond
 }
 
 // Locked reports whether the policy forces participation on or off.
@@ -79,6 +117,22 @@ func ParsePolicy(b []byte) (Policy, error) {
 			return Policy{}, fmt.Errorf("server %q is not an http(s) URL", p.Server)
 		}
 	}
+	for name, f := range map[string]string{"ca_file": p.CAFile, "enroll_secret_file": p.EnrollSecretFile} {
+		if f != "" && !filepath.IsAbs(f) {
+			return Policy{}, fmt.Errorf("%s %q is not an absolute path: name the file from /", name, f)
+		}
+	}
+	switch p.Protection {
+	case "":
+		p.Protection = ProtectionBlock
+	case ProtectionBlock, ProtectionAlert:
+	default:
+		return Policy{}, fmt.Errorf("protection is %q: use \"block\" or \"alert\"", p.Protection)
+	}
+	if p.FirstSightTimeoutMS < 0 || time.Duration(p.FirstSightTimeoutMS)*time.Millisecond > MaxFirstSightTimeout {
+		return Policy{}, fmt.Errorf("first_sight_timeout_ms is %d: use a value from 0 (the default, %d) to %d",
+			p.FirstSightTimeoutMS, DefaultFirstSightTimeout.Milliseconds(), MaxFirstSightTimeout.Milliseconds())
+	}
 	return p, nil
 }
 
@@ -87,7 +141,7 @@ func ParsePolicy(b []byte) (Policy, error) {
 func LoadPolicy(path string) (Policy, error) {
 	f, err := os.Open(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return Policy{Participation: PolicyUser}, nil
+		return Policy{Participation: PolicyUser, Protection: ProtectionBlock}, nil
 	}
 	if err != nil {
 		return Policy{}, fmt.Errorf("read policy: %w", err)
