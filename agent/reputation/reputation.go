@@ -9,6 +9,7 @@ import (
 	"container/list"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"path"
@@ -368,6 +369,50 @@ func (c *Checker) lookup(ctx context.Context) {
 		c.log.Warn("reputation alert", "verdict", a.Verdict, "program", a.Program)
 		c.opts.Alert(a)
 	}
+}
+
+// Ask looks hashes up now, without waiting for the gathering window, for
+// a decision that cannot wait (an execution held until the cloud
+// answers); ctx bounds it. Answers are cached as Serve's are and taken
+// off the pending list; no alert is raised: the caller acts on the
+// verdicts. Nothing is asked while the person does not participate.
+func (c *Checker) Ask(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
+	if !c.opts.Allowed() {
+		return nil, upload.ErrNotParticipating
+	}
+	if len(hashes) > wire.MaxLookupHashes {
+		return nil, fmt.Errorf("ask reputation: %d hashes, at most %d at once", len(hashes), wire.MaxLookupHashes)
+	}
+	c.mu.Lock()
+	gen := c.gen
+	c.mu.Unlock()
+	reps, err := c.opts.Lookup.Lookup(ctx, hashes)
+	if err != nil {
+		return nil, err
+	}
+	asked := make(map[string]bool, len(hashes))
+	for _, h := range hashes {
+		asked[h] = true
+	}
+	now := c.clock.Now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.stats.Lookups++
+	out := reps[:0:0]
+	for _, r := range reps {
+		if !asked[r.SHA256] {
+			continue // an answer to a question nobody asked
+		}
+		out = append(out, r)
+		if c.gen != gen {
+			continue // forgotten meanwhile: nothing is kept
+		}
+		if r.TTLSeconds > 0 {
+			c.storeLocked(r.SHA256, r.Verdict, now.Add(time.Duration(r.TTLSeconds)*time.Second))
+		}
+		delete(c.pending, r.SHA256)
+	}
+	return out, nil
 }
 
 // storeLocked caches a verdict, forgetting the least recently used one

@@ -328,3 +328,78 @@ func TestRefusedForConsentIsRetriedLater(t *testing.T) {
 	r.clk.Advance(time.Minute)
 	eventually(t, "a lookup after the backoff", func() bool { return r.lk.callCount() == 2 })
 }
+
+// Ask looks up at once (no window), caches the answers so the pending
+// lookup does not ask again, raises no alert, keeps no answer to a hash
+// it did not ask about, and asks nothing while the person does not
+// participate.
+func TestAskLooksUpAtOnceAndCaches(t *testing.T) {
+	t.Parallel()
+	r := newRig(t, nil)
+	bad, other := hash(1), hash(2)
+	r.lk.mu.Lock()
+	r.lk.verdicts[bad] = wire.VerdictMalicious
+	r.lk.mu.Unlock()
+	r.c.Check(bad, "/tmp/x") // pending, waiting for the window
+	reps, err := r.c.Ask(context.Background(), []string{bad})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(reps) != 1 || reps[0].SHA256 != bad || reps[0].Verdict != wire.VerdictMalicious {
+		t.Fatalf("Ask = %+v", reps)
+	}
+	if v, ok := r.c.Verdict(bad); !ok || v != wire.VerdictMalicious {
+		t.Errorf("Verdict after Ask = %q, %v", v, ok)
+	}
+	if n := r.c.Stats().Pending; n != 0 {
+		t.Errorf("%d hashes still pending after Ask answered them", n)
+	}
+	if got := r.gotAlerts(); len(got) != 0 {
+		t.Errorf("Ask raised alerts: %+v", got)
+	}
+	if _, ok := r.c.Verdict(other); ok {
+		t.Errorf("a verdict on %s was cached without being asked", other)
+	}
+
+	r.allowed.Store(false)
+	calls := r.lk.callCount()
+	if _, err := r.c.Ask(context.Background(), []string{other}); !errors.Is(err, upload.ErrNotParticipating) {
+		t.Errorf("Ask while not participating = %v; want ErrNotParticipating", err)
+	}
+	if r.lk.callCount() != calls {
+		t.Error("Ask looked up while the person does not participate")
+	}
+}
+
+// A hostile cloud's answer about a hash nobody asked for is neither
+// returned nor cached.
+func TestAskIgnoresUnaskedAnswers(t *testing.T) {
+	t.Parallel()
+	asked, unasked := hash(10), hash(11)
+	lk := lookupFunc(func(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
+		return []wire.Reputation{
+			{SHA256: asked, Verdict: wire.VerdictUnknown, TTLSeconds: 60},
+			{SHA256: unasked, Verdict: wire.VerdictMalicious, TTLSeconds: 60},
+		}, nil
+	})
+	c, err := reputation.New(reputation.Options{Lookup: lk, Allowed: func() bool { return true }, Alert: func(api.Alert) {}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reps, err := c.Ask(context.Background(), []string{asked})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(reps) != 1 || reps[0].SHA256 != asked {
+		t.Errorf("Ask = %+v; want only the asked hash", reps)
+	}
+	if _, ok := c.Verdict(unasked); ok {
+		t.Error("an unasked verdict was cached")
+	}
+}
+
+type lookupFunc func(ctx context.Context, hashes []string) ([]wire.Reputation, error)
+
+func (f lookupFunc) Lookup(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
+	return f(ctx, hashes)
+}
