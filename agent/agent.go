@@ -408,9 +408,15 @@ func (a *Agent) QueuePreview(ctx context.Context) (api.QueuePreview, error) {
 	}, nil
 }
 
-// Upload implements localapi.Backend: it sends pending statistics now.
-func (a *Agent) Upload(ctx context.Context) (api.UploadResult, error) {
-	res, err := a.upload.SendNow(ctx)
+// Upload implements localapi.Backend: it sends pending statistics now;
+// without force, only when no retry after a failure is pending.
+func (a *Agent) Upload(ctx context.Context, force bool) (api.UploadResult, error) {
+	res, err := a.upload.Send(ctx, force)
+	var be *upload.BackoffError
+	if errors.As(err, &be) {
+		return res, &localapi.HTTPError{Code: http.StatusTooManyRequests, Msg: err.Error(),
+			Hint: "the statistics stay queued and are sent then; an administrator can send at once with `sudo cloudprotect send`"}
+	}
 	if errors.Is(err, upload.ErrNotParticipating) {
 		return res, &localapi.HTTPError{Code: http.StatusConflict,
 			Msg:  "not participating in the Security Network: nothing is collected or sent",

@@ -1,21 +1,29 @@
 package localapi
 
 import (
-	"bufio"
 	"context"
-	"fmt"
-	"os"
 	"os/user"
+	"slices"
 	"strconv"
-	"strings"
 )
 
 // Cred is the identity of the process at the other end of the socket, as
-// the kernel reports it (SO_PEERCRED): it cannot be forged by the client.
+// the kernel recorded it when that process connected (SO_PEERCRED and
+// SO_PEERGROUPS): it cannot be forged by the client, and it is never
+// looked up again later. PID is kept for the log only: by the time a
+// request arrives the process may be gone and its PID reused, so nothing
+// is decided by it.
 type Cred struct {
-	PID int32
-	UID uint32
-	GID uint32
+	PID    int32
+	UID    uint32
+	GID    uint32
+	Groups []uint32 // supplementary groups
+}
+
+// InGroup reports whether the caller had gid as its primary or a
+// supplementary group when it connected.
+func (c Cred) InGroup(gid uint32) bool {
+	return c.GID == gid || slices.Contains(c.Groups, gid)
 }
 
 type credKey struct{}
@@ -26,7 +34,10 @@ func CredFrom(ctx context.Context) (Cred, bool) {
 	return c, ok
 }
 
-// Authorizer decides whether a caller may change participation.
+// Authorizer decides whether a caller is privileged: who may change
+// participation and read what the agent collected (queue contents, every
+// alert). Everyone else reads the status and the alerts of programs they
+// ran.
 type Authorizer func(Cred) bool
 
 // OwnerOnly allows root and the user uid: the rule of a user-mode agent.
@@ -35,8 +46,9 @@ func OwnerOnly(uid int) Authorizer {
 }
 
 // RootOrGroup allows root and members of the group that group() names:
-// the rule of the system agent. The group is looked up on each call, so a
-// policy change applies at once.
+// the rule of the system agent. Membership is the caller's primary and
+// supplementary groups as they were when it connected. The group's name
+// is looked up on each call, so a policy change applies at once.
 func RootOrGroup(group func() string) Authorizer {
 	return func(c Cred) bool {
 		if c.UID == 0 {
@@ -54,66 +66,6 @@ func RootOrGroup(group func() string) Authorizer {
 		if err != nil {
 			return false
 		}
-		return inGroup(c, uint32(gid))
+		return c.InGroup(uint32(gid))
 	}
-}
-
-// inGroup reports whether the calling process is in gid: its primary group,
-// or a supplementary group of the process itself (read from /proc, which
-// is what the process really has), else of its user in the group database.
-func inGroup(c Cred, gid uint32) bool {
-	if c.GID == gid {
-		return true
-	}
-	if groups, err := procGroups(c.PID); err == nil {
-		for _, g := range groups {
-			if g == gid {
-				return true
-			}
-		}
-		return false
-	}
-	u, err := user.LookupId(strconv.FormatUint(uint64(c.UID), 10))
-	if err != nil {
-		return false
-	}
-	ids, err := u.GroupIds()
-	if err != nil {
-		return false
-	}
-	want := strconv.FormatUint(uint64(gid), 10)
-	for _, id := range ids {
-		if id == want {
-			return true
-		}
-	}
-	return false
-}
-
-func procGroups(pid int32) ([]uint32, error) {
-	if pid <= 0 {
-		return nil, fmt.Errorf("no pid")
-	}
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), "Groups:")
-		if !ok {
-			continue
-		}
-		var out []uint32
-		for _, f := range strings.Fields(rest) {
-			g, err := strconv.ParseUint(f, 10, 32)
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, uint32(g))
-		}
-		return out, nil
-	}
-	return nil, fmt.Errorf("no Groups line for pid %d", pid)
 }

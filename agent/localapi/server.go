@@ -28,8 +28,10 @@ type Backend interface {
 	SetParticipation(req api.ParticipationRequest, uid int) (api.Status, error)
 	// QueuePreview returns exactly what the next upload would send.
 	QueuePreview(ctx context.Context) (api.QueuePreview, error)
-	// Upload sends pending statistics now.
-	Upload(ctx context.Context) (api.UploadResult, error)
+	// Upload sends pending statistics now. With force (a privileged
+	// caller) it ignores the backoff after failures; without, a retry
+	// that is not due yet is an error.
+	Upload(ctx context.Context, force bool) (api.UploadResult, error)
 	// Events returns the hub status and alert events are published on.
 	Events() *Hub
 }
@@ -46,12 +48,31 @@ func (e *HTTPError) Error() string { return e.Msg }
 
 // Server serves the local API on a unix socket.
 type Server struct {
-	backend   Backend
-	canChange Authorizer
-	log       *slog.Logger
-	ln        net.Listener
-	lim       *limits
+	backend Backend
+	// privileged says who may change participation and read what was
+	// collected.
+	privileged Authorizer
+	log        *slog.Logger
+	ln         net.Listener
+	lim        *limits
+	// writeTimeout bounds each write of an answer to its client.
+	writeTimeout time.Duration
+	// large admits one large answer (the queue's contents) at a time:
+	// whatever clients do, one such answer is being built at once.
+	large chan struct{}
+	// largeWait is how long a large answer waits for its turn.
+	largeWait time.Duration
 }
+
+// Timeouts of the local API.
+const (
+	// WriteTimeout bounds each write to a client: a client that asks and
+	// does not read is dropped after it.
+	WriteTimeout = 10 * time.Second
+	// largeWait is how long a request for a large answer waits for the
+	// one being written to another client.
+	largeWait = 5 * time.Second
+)
 
 // ErrAlreadyRunning is returned by Listen when another agent answers on
 // the socket.
@@ -93,13 +114,23 @@ func Listen(path string, world bool) (net.Listener, error) {
 	return ln, nil
 }
 
-// NewServer returns a server for backend on ln. canChange decides who may
-// change participation; a nil logger discards.
-func NewServer(ln net.Listener, backend Backend, canChange Authorizer, log *slog.Logger) *Server {
+// NewServer returns a server for backend on ln. privileged decides who
+// may change participation and read the queue's contents and every alert;
+// a nil logger discards.
+func NewServer(ln net.Listener, backend Backend, privileged Authorizer, log *slog.Logger) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{backend: backend, canChange: canChange, log: log, ln: ln, lim: newLimits(MaxConnsPerUser, MaxConns)}
+	return &Server{
+		backend:      backend,
+		privileged:   privileged,
+		log:          log,
+		ln:           ln,
+		lim:          newLimits(MaxConnsPerUser, MaxConns),
+		writeTimeout: WriteTimeout,
+		large:        make(chan struct{}, 1),
+		largeWait:    largeWait,
+	}
 }
 
 // route is one endpoint: the method it takes and what answers it.
@@ -141,11 +172,14 @@ func (s *Server) Serve(ctx context.Context) error {
 		Handler:           s.Handler(),
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       10 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-		ConnContext:       connCred,
-		BaseContext:       func(net.Listener) context.Context { return ctx },
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		// Small answers must be written within this; large ones and the
+		// event stream set a deadline for each write instead.
+		WriteTimeout:   s.writeTimeout,
+		IdleTimeout:    60 * time.Second,
+		MaxHeaderBytes: 16 << 10,
+		ConnContext:    connCred,
+		BaseContext:    func(net.Listener) context.Context { return ctx },
+		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(&limitListener{Listener: s.ln, lim: s.lim}) }()
@@ -165,9 +199,15 @@ func (s *Server) Serve(ctx context.Context) error {
 
 func (s *Server) caller(r *http.Request) (Cred, bool) { return CredFrom(r.Context()) }
 
-func (s *Server) statusFor(r *http.Request, st api.Status) api.Status {
+// isPrivileged reports whether the caller may change participation and
+// read what was collected.
+func (s *Server) isPrivileged(r *http.Request) bool {
 	c, ok := s.caller(r)
-	st.CanChange = ok && s.canChange(c)
+	return ok && s.privileged(c)
+}
+
+func (s *Server) statusFor(r *http.Request, st api.Status) api.Status {
+	st.CanChange = s.isPrivileged(r)
 	return st
 }
 
@@ -190,7 +230,7 @@ func (s *Server) participation(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusForbidden, "the caller's identity is unknown", "connect over the agent's unix socket")
 		return
 	}
-	if !s.canChange(c) {
+	if !s.privileged(c) {
 		s.log.Warn("participation change refused", "uid", c.UID, "pid", c.PID)
 		writeError(w, http.StatusForbidden,
 			fmt.Sprintf("user %d may not change participation on this computer", c.UID),
@@ -209,17 +249,43 @@ func (s *Server) participation(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, s.statusFor(r, st))
 }
 
+// queue answers with the queue's contents: program paths, hashes and
+// times of everyone's programs, so only for privileged callers. The
+// answer can be large: it is written a record at a time, one such answer
+// at once.
 func (s *Server) queue(w http.ResponseWriter, r *http.Request) {
+	if !s.isPrivileged(r) {
+		writeError(w, http.StatusForbidden,
+			"the queue's contents (which programs everyone on this computer ran) are shown only to root and the administrators",
+			"`cloudprotect status` shows how many records are waiting; run `sudo cloudprotect queue` to see them")
+		return
+	}
+	wait := time.NewTimer(s.largeWait)
+	defer wait.Stop()
+	select {
+	case s.large <- struct{}{}:
+		defer func() { <-s.large }()
+	case <-wait.C:
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "the agent is busy showing the queue to another client", "try again in a moment")
+		return
+	case <-r.Context().Done():
+		return
+	}
 	q, err := s.backend.QueuePreview(r.Context())
 	if err != nil {
 		writeBackendError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, q)
+	if err := streamJSON(w, s.writeTimeout, q); err != nil {
+		s.log.Debug("queue answer not delivered", "err", err)
+	}
 }
 
+// upload sends now. A privileged caller's request ignores the backoff
+// after failures; anyone else's waits for the retry that is due.
 func (s *Server) upload(w http.ResponseWriter, r *http.Request) {
-	res, err := s.backend.Upload(r.Context())
+	res, err := s.backend.Upload(r.Context(), s.isPrivileged(r))
 	if err != nil {
 		writeBackendError(w, err)
 		return

@@ -6,23 +6,38 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/testenv"
 	"go.uber.org/goleak"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	if op := os.Getenv(childEnv); op != "" {
+		os.Exit(child(op))
+	}
+	if os.Geteuid() == 0 {
+		testenv.PrepareSelfCopy()
+	}
+	goleak.VerifyTestMain(m, goleak.Cleanup(func(code int) {
+		testenv.RemoveSelfCopy()
+		os.Exit(code)
+	}))
+}
 
 // fakeBackend answers with fixed values and records participation calls.
 type fakeBackend struct {
-	hub *Hub
+	hub     *Hub
+	preview api.QueuePreview
 
-	mu    sync.Mutex // protects calls
-	calls []api.ParticipationRequest
+	mu     sync.Mutex // protects calls and forced
+	calls  []api.ParticipationRequest
+	forced []bool
 }
 
 func newFakeBackend() *fakeBackend { return &fakeBackend{hub: NewHub()} }
@@ -42,10 +57,13 @@ func (b *fakeBackend) SetParticipation(req api.ParticipationRequest, uid int) (a
 }
 
 func (b *fakeBackend) QueuePreview(context.Context) (api.QueuePreview, error) {
-	return api.QueuePreview{}, nil
+	return b.preview, nil
 }
 
-func (b *fakeBackend) Upload(context.Context) (api.UploadResult, error) {
+func (b *fakeBackend) Upload(_ context.Context, force bool) (api.UploadResult, error) {
+	b.mu.Lock()
+	b.forced = append(b.forced, force)
+	b.mu.Unlock()
 	return api.UploadResult{}, errors.New("nothing")
 }
 
@@ -156,7 +174,10 @@ func TestConnectionsPerUserBounded(t *testing.T) {
 
 func TestLimitsCountAndRelease(t *testing.T) {
 	l := newLimits(2, 3)
-	alice, bob, root := Cred{UID: 1000}, Cred{UID: 1001}, Cred{UID: 0}
+	l.account = func(uid uint32) bool { return uid < 100000 }
+	alice, bob, carol, root := Cred{UID: 1000}, Cred{UID: 1001}, Cred{UID: 1002}, Cred{UID: 0}
+	sub := func(i uint32) Cred { return Cred{UID: 100000 + i} }
+	l.noAccount, l.reserve = 2, 1
 	steps := []struct {
 		name string
 		c    Cred
@@ -165,21 +186,31 @@ func TestLimitsCountAndRelease(t *testing.T) {
 		{"alice 1", alice, true},
 		{"alice 2", alice, true},
 		{"alice 3 over her bound", alice, false},
-		{"bob 1", bob, true},
-		{"bob 2 over the total", bob, false},
+		{"a uid without account", sub(1), true},
+		{"another uid without account", sub(2), false}, // the total is reached
+		{"bob 1 from his reserve", bob, true},
+		{"bob 2 beyond his reserve", bob, false},
 		{"root is not limited", root, true},
 	}
 	for _, s := range steps {
-		if got := l.acquire(s.c); got != s.want {
+		if got, _ := l.acquire(s.c); got != s.want {
 			t.Errorf("%s: acquire = %v, want %v", s.name, got, s.want)
 		}
 	}
-	l.release(alice)
-	if !l.acquire(bob) {
-		t.Errorf("bob refused after alice gave one back")
+	l.release(alice, true)
+	l.release(alice, true)
+	// Room in the total again, but the uids without account share 2.
+	if ok, _ := l.acquire(sub(3)); !ok {
+		t.Errorf("a second uid without account refused below the pool's bound")
 	}
-	l.release(root)
-	if l.open != 3 {
-		t.Errorf("open = %d, want 3", l.open)
+	if ok, _ := l.acquire(sub(4)); ok {
+		t.Errorf("a third uid without account admitted beyond the pool's bound of 2")
+	}
+	if ok, _ := l.acquire(carol); !ok {
+		t.Errorf("carol refused although her reserve is free")
+	}
+	l.release(root, true)
+	if l.open != 4 || l.openNoAccount != 2 {
+		t.Errorf("open = %d, without account %d; want 4 and 2", l.open, l.openNoAccount)
 	}
 }

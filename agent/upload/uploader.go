@@ -118,7 +118,7 @@ type Uploader struct {
 
 	nudge   chan struct{} // one slot: the queue grew
 	wake    chan struct{} // one slot: consent or the installation changed
-	sendNow chan chan sendReply
+	sendNow chan sendRequest
 
 	regMu sync.Mutex // serialises registrations
 
@@ -160,9 +160,24 @@ type encoded struct {
 	gz []byte
 }
 
+type sendRequest struct {
+	force bool
+	reply chan sendReply
+}
+
 type sendReply struct {
 	res api.UploadResult
 	err error
+}
+
+// BackoffError is returned by Send without force while the uploader waits
+// after failures: the next attempt is due at Until.
+type BackoffError struct {
+	Until time.Time
+}
+
+func (e *BackoffError) Error() string {
+	return fmt.Sprintf("the last attempt to send failed; the next one is due at %s", e.Until.UTC().Format(time.RFC3339))
 }
 
 // New returns an uploader over the state in opts.StatePath. A damaged
@@ -215,7 +230,7 @@ func New(opts Options) (*Uploader, error) {
 		clock:   opts.Clock,
 		nudge:   make(chan struct{}, 1),
 		wake:    make(chan struct{}, 1),
-		sendNow: make(chan chan sendReply),
+		sendNow: make(chan sendRequest),
 		st:      st,
 		dirty:   len(problems) > 0,
 		clients: map[string]*Client{},
@@ -365,14 +380,14 @@ func (u *Uploader) Serve(ctx context.Context) error {
 			tc = t.C()
 		}
 		var nudged bool
-		var reply chan sendReply
+		var req sendRequest
 		select {
 		case <-ctx.Done():
 		case <-tc:
 		case <-u.wake:
 		case <-u.nudge:
 			nudged = true
-		case reply = <-u.sendNow:
+		case req = <-u.sendNow:
 		}
 		if t != nil {
 			t.Stop()
@@ -382,9 +397,9 @@ func (u *Uploader) Serve(ctx context.Context) error {
 			u.nextUpload = u.clock.Now()
 			u.mu.Unlock()
 		}
-		if reply != nil {
-			res, err := u.sendAtOnce(ctx)
-			reply <- sendReply{res, err}
+		if req.reply != nil {
+			res, err := u.sendAtOnce(ctx, req.force)
+			req.reply <- sendReply{res, err}
 		}
 		if ctx.Err() != nil {
 			u.mu.Lock()
@@ -450,18 +465,23 @@ func (u *Uploader) schedule() (time.Duration, bool) {
 	return max(0, next.Sub(now)), true
 }
 
-// sendAtOnce serves SendNow: deletion requests and the whole queue,
-// ignoring the backoff of earlier failures but not a server's
+// sendAtOnce serves Send: deletion requests and the whole queue, ignoring
+// (with force) the backoff of earlier failures but never a server's
 // Retry-After.
-func (u *Uploader) sendAtOnce(ctx context.Context) (api.UploadResult, error) {
-	defer u.deleteDue(ctx, true)
+func (u *Uploader) sendAtOnce(ctx context.Context, force bool) (api.UploadResult, error) {
 	if !u.opts.Allowed() {
+		defer u.deleteDue(ctx, true)
 		return api.UploadResult{Pending: u.opts.Queue.Pending()}, ErrNotParticipating
 	}
 	now := u.clock.Now()
 	u.mu.Lock()
-	wait := u.serverWait
+	wait, retry := u.serverWait, u.retryAt
 	u.mu.Unlock()
+	if !force && now.Before(retry) {
+		// Deletion requests wait for their own retry too.
+		return api.UploadResult{Pending: u.opts.Queue.Pending()}, &BackoffError{Until: retry}
+	}
+	defer u.deleteDue(ctx, true)
 	if now.Before(wait) {
 		return api.UploadResult{Pending: u.opts.Queue.Pending()},
 			fmt.Errorf("send now: the server asked to wait until %s", wait.UTC().Format(time.RFC3339))
@@ -844,16 +864,24 @@ func (u *Uploader) deleteOne(ctx context.Context, d Deletion) error {
 }
 
 // SendNow sends the deletion requests and every pending record at once,
-// for `cloudprotect send` and the tray's "Send now". It ignores the
-// backoff of earlier failures but honours a server's Retry-After. It
-// needs Serve to run.
+// for `cloudprotect send` and the tray's "Send now" of an administrator.
+// It ignores the backoff of earlier failures but honours a server's
+// Retry-After. It needs Serve to run.
 func (u *Uploader) SendNow(ctx context.Context) (api.UploadResult, error) {
+	return u.Send(ctx, true)
+}
+
+// Send is SendNow; without force it also waits for the backoff of
+// earlier failures: while a retry is not due it returns a *BackoffError
+// and sends nothing. The agent asks anyone who is not an administrator to
+// wait like that, so nobody can make it hammer a failing server.
+func (u *Uploader) Send(ctx context.Context, force bool) (api.UploadResult, error) {
 	if !u.opts.Allowed() {
 		return api.UploadResult{}, ErrNotParticipating
 	}
 	reply := make(chan sendReply, 1)
 	select {
-	case u.sendNow <- reply:
+	case u.sendNow <- sendRequest{force: force, reply: reply}:
 	case <-ctx.Done():
 		return api.UploadResult{}, ctx.Err()
 	}

@@ -534,3 +534,34 @@ func TestLookupSendsHashesAndKeepsOnlyWhatWasAsked(t *testing.T) {
 		t.Errorf("%d registrations; want 1", got)
 	}
 }
+
+// After a failure, only a forced send (an administrator's) ignores the
+// backoff: anyone else's gets a BackoffError and sends nothing, so no
+// local user can make the agent hammer a failing server.
+func TestSendRespectsBackoffUnlessForced(t *testing.T) {
+	t.Parallel()
+	srv := newScripted(t, nil)
+	h := newHarness(t, srv.srv.URL, nil)
+	srv.clk = h.clk
+	h.addRecords(0, 10, 1)
+	srv.setMode(mode500)
+	h.start()
+	if _, err := h.sendNow(); err == nil {
+		t.Fatal("send to a failing server succeeded")
+	}
+	before := srv.totalRequests()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, err := h.up.Send(ctx, false)
+	var be *upload.BackoffError
+	if !errors.As(err, &be) || !be.Until.After(h.clk.Now()) {
+		t.Fatalf("unforced send during the backoff = %v; want a BackoffError with a time ahead", err)
+	}
+	if n := srv.totalRequests(); n != before {
+		t.Errorf("the unforced send made %d requests; want none", n-before)
+	}
+	srv.setMode(modeOK)
+	if res, err := h.up.Send(ctx, true); err != nil || res.Sent != 10 {
+		t.Fatalf("forced send = %+v, %v; want 10 sent", res, err)
+	}
+}
