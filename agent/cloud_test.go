@@ -61,7 +61,7 @@ func TestCloudRoundTrip(t *testing.T) {
 	progA, sumA := uniqueProgram(t, work, "alpha")
 	progB, sumB := uniqueProgram(t, work, "beta")
 	bad, sumBad := uniqueProgram(t, work, "dropper")
-	if err := st.ImportLists(ctx, map[string][]string{store.ListMalicious: {sumBad}}, false); err != nil {
+	if _, err := st.ImportLists(ctx, "test feed", map[string][]string{store.ListMalicious: {sumBad}}, false, time.Now()); err != nil {
 		t.Fatal(err)
 	}
 

@@ -79,7 +79,7 @@ func BenchmarkLookup1000(b *testing.B) {
 				}
 			}
 		}
-		if err := e.store.ImportLists(b.Context(), map[string][]string{store.ListMalicious: known[:1000]}, false); err != nil {
+		if _, err := e.store.ImportLists(b.Context(), "bench", map[string][]string{store.ListMalicious: known[:1000]}, false, now); err != nil {
 			b.Fatal(err)
 		}
 		hashes := make([]string, 0, 1000)

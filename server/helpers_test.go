@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,10 +32,29 @@ type env struct {
 	url   string
 	store store.Store
 	http  *http.Client
+	clock *clock
+}
+
+// clock is the server's time in a test; it stands still unless set.
+type clock struct {
+	mu sync.Mutex // protects t
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) Set(t time.Time) {
+	c.mu.Lock()
+	c.t = t
+	c.mu.Unlock()
 }
 
 func rules() verdict.Rules {
-	return verdict.Rules{TrustedPrevalence: 2, ListedTTL: 24 * time.Hour, UnknownTTL: time.Hour}
+	return verdict.Rules{MalformedQuorum: 3, EstablishedAge: 7 * 24 * time.Hour, EstablishedDays: 3, ListedTTL: 24 * time.Hour, UnknownTTL: time.Hour}
 }
 
 // newEnv starts a server over a fresh database of backend b.
@@ -43,13 +63,27 @@ func newEnv(tb testing.TB, b storetest.Backend) *env {
 	return newEnvOn(tb, storetest.Open(tb, b.NewDSN(tb)))
 }
 
-// newEnvOn starts a server over st.
+// newEnvOn starts a server over st with the test rules, a clock
+// standing at now and no limit on registrations.
 func newEnvOn(tb testing.TB, st store.Store) *env {
 	tb.Helper()
-	srv := server.New(server.Config{Store: st, Rules: rules(), Now: func() time.Time { return now }})
-	ts := httptest.NewServer(srv)
+	return newEnvWith(tb, server.Config{Store: st, RegisterBurst: -1})
+}
+
+// newEnvWith starts a server configured by cfg, with the test rules and
+// clock unless cfg has its own.
+func newEnvWith(tb testing.TB, cfg server.Config) *env {
+	tb.Helper()
+	c := &clock{t: now}
+	if cfg.Now == nil {
+		cfg.Now = c.Now
+	}
+	if cfg.Rules == (verdict.Rules{}) {
+		cfg.Rules = rules()
+	}
+	ts := httptest.NewServer(server.New(cfg))
 	tb.Cleanup(ts.Close)
-	return &env{t: tb, url: ts.URL, store: st, http: ts.Client()}
+	return &env{t: tb, url: ts.URL, store: cfg.Store, http: ts.Client(), clock: c}
 }
 
 type answer struct {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -17,13 +18,25 @@ import (
 // duration histogram.
 var durationBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 
-// metrics counts what the server does, for /metrics in the Prometheus text
-// format. Labels never carry installation IDs, hashes or paths: routes are
-// the mux patterns.
-type metrics struct {
-	mu        sync.Mutex // protects requests and durations
+// Reasons a registration is refused, for the metrics.
+const (
+	refusedRateLimited  = "rate_limited"
+	refusedEnrollSecret = "enroll_secret"
+	refusedInvalid      = "invalid"
+)
+
+// Metrics counts what the server and its console do, for /metrics in the
+// Prometheus text format. Labels never carry installation IDs, hashes,
+// paths or analysts' names: routes are the mux patterns. It is safe for
+// concurrent use.
+type Metrics struct {
+	mu        sync.Mutex // protects the maps below
 	requests  map[routeCode]uint64
 	durations map[string]*histogram // by route
+	inflight  map[string]int64      // requests being served, by route
+	refusals  map[string]uint64     // registrations refused, by reason
+	changes   map[string]uint64     // verdict changes, by source
+	signIns   map[string]uint64     // console sign-ins, by result
 
 	registrations   atomic.Uint64
 	batchesAccepted atomic.Uint64
@@ -47,11 +60,54 @@ type histogram struct {
 	n      uint64
 }
 
-func newMetrics() *metrics {
-	return &metrics{requests: map[routeCode]uint64{}, durations: map[string]*histogram{}}
+// NewMetrics returns empty metrics.
+func NewMetrics() *Metrics {
+	return &Metrics{
+		requests: map[routeCode]uint64{}, durations: map[string]*histogram{}, inflight: map[string]int64{},
+		refusals: map[string]uint64{refusedRateLimited: 0, refusedEnrollSecret: 0, refusedInvalid: 0},
+		changes:  map[string]uint64{"analyst": 0, "feed": 0},
+		signIns:  map[string]uint64{"ok": 0, "failed": 0, "rate_limited": 0},
+	}
 }
 
-func (m *metrics) observeRequest(route string, code int, d time.Duration) {
+// VerdictChanged counts n changes of verdicts from source ("analyst" or
+// "feed").
+func (m *Metrics) VerdictChanged(source string, n int) {
+	m.mu.Lock()
+	m.changes[source] += uint64(n)
+	m.mu.Unlock()
+}
+
+// SignIn counts a console sign-in attempt by result ("ok", "failed",
+// "rate_limited").
+func (m *Metrics) SignIn(result string) {
+	m.mu.Lock()
+	m.signIns[result]++
+	m.mu.Unlock()
+}
+
+func (m *Metrics) refused(reason string) {
+	m.mu.Lock()
+	m.refusals[reason]++
+	m.mu.Unlock()
+}
+
+// inFlight counts a request to route until done is called.
+func (m *Metrics) inFlight(route string) (done func()) {
+	if route == "" {
+		route = "unmatched"
+	}
+	m.mu.Lock()
+	m.inflight[route]++
+	m.mu.Unlock()
+	return func() {
+		m.mu.Lock()
+		m.inflight[route]--
+		m.mu.Unlock()
+	}
+}
+
+func (m *Metrics) observeRequest(route string, code int, d time.Duration) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.requests[routeCode{route, code}]++
@@ -67,8 +123,8 @@ func (m *metrics) observeRequest(route string, code int, d time.Duration) {
 	h.n++
 }
 
-// writeTo writes the exposition, metrics and series in a stable order.
-func (m *metrics) writeTo(w io.Writer) error {
+// Write writes the exposition, metrics and series in a stable order.
+func (m *Metrics) Write(w io.Writer) error {
 	bw := bufio.NewWriter(w)
 	counter := func(name, help string, v uint64) {
 		fmt.Fprintf(bw, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
@@ -85,6 +141,19 @@ func (m *metrics) writeTo(w io.Writer) error {
 	counter("cloudprotect_panics_total", "Handler panics recovered.", m.panics.Load())
 
 	m.mu.Lock()
+	labelled := func(name, help, label string, values map[string]uint64) {
+		fmt.Fprintf(bw, "# HELP %s %s\n# TYPE %s counter\n", name, help, name)
+		for _, k := range slices.Sorted(maps.Keys(values)) {
+			fmt.Fprintf(bw, "%s{%s=\"%s\"} %d\n", name, label, escapeLabel(k), values[k])
+		}
+	}
+	labelled("cloudprotect_registrations_refused_total", "Registrations refused, by reason.", "reason", m.refusals)
+	labelled("cloudprotect_verdict_changes_total", "Verdicts set or withdrawn, by source.", "source", m.changes)
+	labelled("cloudprotect_console_sign_ins_total", "Console sign-in attempts, by result.", "result", m.signIns)
+	fmt.Fprintf(bw, "# HELP cloudprotect_http_requests_in_flight HTTP requests being served, by route.\n# TYPE cloudprotect_http_requests_in_flight gauge\n")
+	for _, k := range slices.Sorted(maps.Keys(m.inflight)) {
+		fmt.Fprintf(bw, "cloudprotect_http_requests_in_flight{route=\"%s\"} %d\n", escapeLabel(k), m.inflight[k])
+	}
 	keys := make([]routeCode, 0, len(m.requests))
 	for k := range m.requests {
 		keys = append(keys, k)

@@ -5,9 +5,12 @@
 //
 // Endpoints and the answers a client must handle:
 //
-//	POST   /v1/installations            201 wire.Registration; 400, 422
+//	POST   /v1/installations            201 wire.Registration; 400, 403 (enrollment
+//	                                    secret missing or wrong), 422, 429 (too many
+//	                                    registrations from this address: Retry-After)
 //	POST   /v1/statistics               200 wire.BatchResult (duplicate: true for a batch
-//	                                    already counted); 400, 401, 413, 415, 422, 503
+//	                                    already counted); 400, 401, 413, 415, 422,
+//	                                    429 (this installation is already sending), 503
 //	DELETE /v1/installations/{id}       204 deleted; 404 nothing stored under id (also
 //	                                    after an earlier deletion: treat as done);
 //	                                    401 id exists but the token is not its own; 403
@@ -16,27 +19,38 @@
 //	POST   /v1/reputation/sha256        200 wire.LookupResponse; 400, 401, 413
 //	GET    /healthz                     200, or 503 when the database does not answer
 //	GET    /metrics                     Prometheus text format
+//	       /console/                    the analysts' web console (package console)
 //
 // Every /v1/ endpoint but registration needs "Authorization: Bearer
 // <token>"; the store keeps only the token's SHA-256. Every error is a
-// JSON wire.Error with a hint. A 503 carries Retry-After. Request logs
-// carry the route pattern, status and duration: never a token, a hash,
-// an installation ID or the client's address.
+// JSON wire.Error with a hint. A 429 or 503 carries Retry-After. Request
+// logs carry the route pattern, status and duration: never a token, a
+// hash, an installation ID or the client's address.
+//
+// A statistics batch is read in full before it takes one of the few
+// slots in which batches are decoded and stored, so a client that sends
+// slowly holds only its own connection; each installation may have
+// MaxBodiesPerInstallation batches arriving at once.
 package server
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/server/internal/limit"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -50,31 +64,78 @@ type Config struct {
 	Logger *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
-	// MaxConcurrentIngest bounds the batches decoded at once (each may take
-	// ~10 MiB); beyond it the server answers 503 with Retry-After. 0 means 8.
+	// MaxConcurrentIngest bounds the batches decoded and stored at once
+	// (each may take ~10 MiB); a batch that has arrived waits up to
+	// IngestWait for a slot, then gets 503 with Retry-After. 0 means 8.
 	MaxConcurrentIngest int
+	// IngestWait is how long an arrived batch waits for a slot; 0 means
+	// 10 s.
+	IngestWait time.Duration
+	// MaxBodiesPerInstallation bounds the batches one installation may be
+	// sending at once (0 means 2), and MaxBodies those of all
+	// installations (0 means 256): together they bound the memory held by
+	// bodies still arriving.
+	MaxBodiesPerInstallation int
+	MaxBodies                int
+	// EnrollSecret, when not empty, must be sent with every registration.
+	EnrollSecret []byte
+	// RegisterBurst registrations may come from one address at once, then
+	// one every RegisterInterval (IPv6: per /64). 0 means 20 and one a
+	// minute; a negative RegisterBurst turns the limit off.
+	RegisterBurst    int
+	RegisterInterval time.Duration
+	// TrustedProxies are the addresses of reverse proxies whose
+	// X-Forwarded-For is believed when counting registrations per address.
+	TrustedProxies []netip.Prefix
+	// Console serves the analysts' console under /console/; nil serves
+	// none.
+	Console http.Handler
+	// Metrics are shared with the console; nil means new ones.
+	Metrics *Metrics
 }
+
+// Defaults of Config.
+const (
+	DefaultMaxConcurrentIngest      = 8
+	DefaultIngestWait               = 10 * time.Second
+	DefaultMaxBodiesPerInstallation = 2
+	DefaultMaxBodies                = 256
+	DefaultRegisterBurst            = 20
+	DefaultRegisterInterval         = time.Minute
+)
 
 // Server is the cloud's HTTP handler.
 type Server struct {
-	store   store.Store
-	rules   verdict.Rules
-	log     *slog.Logger
-	now     func() time.Time
-	metrics *metrics
-	ingest  chan struct{} // one token per batch being decoded or stored
-	mux     *http.ServeMux
+	store      store.Store
+	rules      verdict.Rules
+	log        *slog.Logger
+	now        func() time.Time
+	metrics    *Metrics
+	ingest     chan struct{} // one token per batch being decoded or stored
+	ingestWait time.Duration
+	bodies     chan struct{} // one token per batch body arriving
+	perInst    int
+	secretHash [sha256.Size]byte // of Config.EnrollSecret, when set
+	secret     bool
+	register   *limit.Limiter
+	proxies    []netip.Prefix
+	mux        *http.ServeMux
+
+	mu       sync.Mutex     // protects arriving
+	arriving map[string]int // batch bodies arriving, by installation
 }
 
 // New returns a Server over cfg.Store.
 func New(cfg Config) *Server {
 	s := &Server{
-		store:   cfg.Store,
-		rules:   cfg.Rules,
-		log:     cfg.Logger,
-		now:     cfg.Now,
-		metrics: newMetrics(),
-		mux:     http.NewServeMux(),
+		store:    cfg.Store,
+		rules:    cfg.Rules,
+		log:      cfg.Logger,
+		now:      cfg.Now,
+		metrics:  cfg.Metrics,
+		mux:      http.NewServeMux(),
+		proxies:  cfg.TrustedProxies,
+		arriving: map[string]int{},
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -82,11 +143,32 @@ func New(cfg Config) *Server {
 	if s.now == nil {
 		s.now = time.Now
 	}
-	n := cfg.MaxConcurrentIngest
-	if n <= 0 {
-		n = 8
+	if s.metrics == nil {
+		s.metrics = NewMetrics()
 	}
-	s.ingest = make(chan struct{}, n)
+	orDefault := func(v, def int) int {
+		if v <= 0 {
+			return def
+		}
+		return v
+	}
+	s.ingest = make(chan struct{}, orDefault(cfg.MaxConcurrentIngest, DefaultMaxConcurrentIngest))
+	s.bodies = make(chan struct{}, orDefault(cfg.MaxBodies, DefaultMaxBodies))
+	s.perInst = orDefault(cfg.MaxBodiesPerInstallation, DefaultMaxBodiesPerInstallation)
+	s.ingestWait = cfg.IngestWait
+	if s.ingestWait <= 0 {
+		s.ingestWait = DefaultIngestWait
+	}
+	if len(cfg.EnrollSecret) > 0 {
+		s.secret, s.secretHash = true, sha256.Sum256(cfg.EnrollSecret)
+	}
+	if cfg.RegisterBurst >= 0 {
+		interval := cfg.RegisterInterval
+		if interval <= 0 {
+			interval = DefaultRegisterInterval
+		}
+		s.register = limit.New(orDefault(cfg.RegisterBurst, DefaultRegisterBurst), interval, 100_000)
+	}
 
 	s.route("POST", "/v1/installations", s.handleRegister)
 	s.route("DELETE", "/v1/installations/{id}", s.handleDelete)
@@ -95,6 +177,10 @@ func New(cfg Config) *Server {
 	s.route("POST", "/v1/reputation/sha256", s.authed(s.handleLookup))
 	s.route("GET", "/healthz", s.handleHealth)
 	s.route("GET", "/metrics", s.handleMetrics)
+	if cfg.Console != nil {
+		s.mux.Handle("/console/", cfg.Console)
+		s.mux.Handle("GET /console", http.RedirectHandler("/console/", http.StatusSeeOther))
+	}
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(http.StatusNotFound, "see the API: /v1/installations, /v1/statistics, /v1/reputation/sha256", "no such endpoint"))
 	})
@@ -116,6 +202,9 @@ func (s *Server) route(method, pattern string, h http.HandlerFunc) {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	rec := &recorder{ResponseWriter: w}
+	_, pattern := s.mux.Handler(r)
+	done := s.metrics.inFlight(pattern)
+	defer done()
 	defer func() {
 		if v := recover(); v != nil {
 			if v == http.ErrAbortHandler {
@@ -181,7 +270,7 @@ func writeError(w http.ResponseWriter, err error) {
 	if !errors.As(err, &ae) {
 		ae = errorf(http.StatusInternalServerError, "try again later; report it if it repeats", "internal error")
 	}
-	if ae.status == http.StatusServiceUnavailable && w.Header().Get("Retry-After") == "" {
+	if (ae.status == http.StatusServiceUnavailable || ae.status == http.StatusTooManyRequests) && w.Header().Get("Retry-After") == "" {
 		w.Header().Set("Retry-After", "60")
 	}
 	writeJSON(w, ae.status, wire.Error{Error: ae.msg, Hint: ae.hint})
@@ -238,17 +327,38 @@ func (s *Server) authed(h func(w http.ResponseWriter, r *http.Request, installat
 }
 
 func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
+	// Every attempt counts against its address, before anything else is
+	// looked at: guessing the enrollment secret is as slow as registering.
+	if ok, wait := s.register.Allow(limit.ClientAddr(r, s.proxies), s.now()); !ok {
+		s.metrics.refused(refusedRateLimited)
+		w.Header().Set("Retry-After", limit.RetryAfter(wait))
+		writeError(w, errorf(http.StatusTooManyRequests, "wait for Retry-After seconds: this address registered too many installations",
+			"too many registrations from this address"))
+		return
+	}
 	raw, err := readLimited(r.Body, maxSmallBody, "send a registration of a few bytes")
 	if err != nil {
+		s.metrics.refused(refusedInvalid)
 		writeError(w, err)
 		return
 	}
 	var req wire.RegisterRequest
 	if err := decodeStrict(raw, &req); err != nil {
+		s.metrics.refused(refusedInvalid)
 		writeError(w, err)
 		return
 	}
+	if s.secret {
+		given := sha256.Sum256([]byte(req.EnrollSecret))
+		if req.EnrollSecret == "" || subtle.ConstantTimeCompare(given[:], s.secretHash[:]) != 1 {
+			s.metrics.refused(refusedEnrollSecret)
+			writeError(w, errorf(http.StatusForbidden, "this Security Network is private: set enroll_secret_file in the agent's policy to the secret its administrator gave you",
+				"enrollment secret missing or wrong"))
+			return
+		}
+	}
 	if req.StatementVersion < 1 {
+		s.metrics.refused(refusedInvalid)
 		writeError(w, errorf(http.StatusUnprocessableEntity, "send the statement version the person accepted", "statement_version: want 1 or more"))
 		return
 	}
@@ -261,6 +371,32 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 	s.metrics.registrations.Add(1)
 	w.Header().Set("Cache-Control", "no-store")
 	writeJSON(w, http.StatusCreated, reg)
+}
+
+// receiving takes one of the installation's and one of the overall slots
+// for a batch body that is arriving; release gives them back.
+func (s *Server) receiving(installation string) (release func(), err error) {
+	s.mu.Lock()
+	if s.arriving[installation] >= s.perInst {
+		s.mu.Unlock()
+		return nil, errorf(http.StatusTooManyRequests, "send one batch at a time and wait for its answer", "this installation is already sending %d batches", s.perInst)
+	}
+	s.arriving[installation]++
+	s.mu.Unlock()
+	giveBack := func() {
+		s.mu.Lock()
+		if s.arriving[installation]--; s.arriving[installation] <= 0 {
+			delete(s.arriving, installation)
+		}
+		s.mu.Unlock()
+	}
+	select {
+	case s.bodies <- struct{}{}:
+	default:
+		giveBack()
+		return nil, errorf(http.StatusServiceUnavailable, "try again after Retry-After seconds", "too many batches arriving at once")
+	}
+	return func() { <-s.bodies; giveBack() }, nil
 }
 
 func (s *Server) handleStatistics(w http.ResponseWriter, r *http.Request, installation string) {
@@ -282,16 +418,34 @@ func (s *Server) handleStatistics(w http.ResponseWriter, r *http.Request, instal
 		fail(errorf(http.StatusRequestEntityTooLarge, hintSplit, "body is larger than %d bytes", wire.MaxBatchCompressed))
 		return
 	}
+	release, err := s.receiving(installation)
+	if err != nil {
+		w.Header().Set("Retry-After", "30")
+		writeError(w, err)
+		return
+	}
+	raw, err := readLimited(http.MaxBytesReader(w, r.Body, wire.MaxBatchCompressed), wire.MaxBatchCompressed, hintSplit)
+	release()
+	if err != nil {
+		fail(err)
+		return
+	}
+	// Only a batch that has arrived takes a slot to be decoded and stored.
+	wait := time.NewTimer(s.ingestWait)
 	select {
 	case s.ingest <- struct{}{}:
+		wait.Stop()
 		defer func() { <-s.ingest }()
-	default:
+	case <-wait.C:
 		w.Header().Set("Retry-After", "30")
 		writeError(w, errorf(http.StatusServiceUnavailable, "try again after Retry-After seconds", "too many batches at once"))
 		return
+	case <-r.Context().Done():
+		wait.Stop()
+		return
 	}
 	now := s.now()
-	batch, err := DecodeBatch(http.MaxBytesReader(w, r.Body, wire.MaxBatchCompressed), now)
+	batch, err := DecodeBatch(bytes.NewReader(raw), now)
 	if err != nil {
 		fail(err)
 		return
@@ -331,6 +485,7 @@ func Aggregate(records []wire.Record) []store.Stat {
 			SHA256:         rec.SHA256,
 			Size:           rec.Size,
 			Kind:           rec.Kind,
+			Path:           rec.Path,
 			PackageManaged: rec.PackageManaged,
 			Malformed:      rec.ELF != nil && rec.ELF.Malformed != "",
 			ExecCount:      int64(rec.ExecCount),
@@ -345,7 +500,7 @@ func Aggregate(records []wire.Record) []store.Stat {
 			continue
 		}
 		p := &out[i]
-		p.Size, p.Kind, p.PackageManaged = st.Size, st.Kind, st.PackageManaged
+		p.Size, p.Kind, p.Path, p.PackageManaged = st.Size, st.Kind, st.Path, st.PackageManaged
 		p.Malformed = p.Malformed || st.Malformed
 		p.ExecCount += st.ExecCount
 		p.Loaded = p.Loaded || st.Loaded
@@ -447,7 +602,8 @@ func (s *Server) handleLookup(w http.ResponseWriter, r *http.Request, _ string) 
 }
 
 func (s *Server) lookup(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
-	infos, err := s.store.Lookup(ctx, hashes)
+	now := s.now()
+	infos, err := s.store.Lookup(ctx, hashes, s.rules.Trust(now))
 	if err != nil {
 		return nil, err
 	}
@@ -455,7 +611,7 @@ func (s *Server) lookup(ctx context.Context, hashes []string) ([]wire.Reputation
 	s.metrics.hashesLookedUp.Add(uint64(len(hashes)))
 	reps := make([]wire.Reputation, len(infos))
 	for i, in := range infos {
-		reps[i] = s.rules.Decide(in)
+		reps[i] = s.rules.Decide(in, now)
 	}
 	return reps, nil
 }
@@ -472,7 +628,7 @@ func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-	if err := s.metrics.writeTo(w); err != nil {
+	if err := s.metrics.Write(w); err != nil {
 		s.log.DebugContext(r.Context(), "write metrics", "err", err)
 	}
 }

@@ -280,8 +280,8 @@ func TestDeleteInstallation(t *testing.T) {
 				t.Fatalf("post: %d %s", a.status, a.body)
 			}
 		}
-		if rep := e.lookup(other.Token, hashOf("ls")); rep[0].Prevalence != 2 || rep[0].Verdict != wire.VerdictTrusted {
-			t.Fatalf("before deletion: %+v; want prevalence 2, trusted", rep[0])
+		if rep := e.lookup(other.Token, hashOf("ls")); rep[0].Prevalence != 2 || rep[0].Verdict != wire.VerdictUnknown {
+			t.Fatalf("before deletion: %+v; want prevalence 2, unknown", rep[0])
 		}
 		del := "/v1/installations/"
 		steps := []struct {
@@ -346,30 +346,37 @@ func TestLookup(t *testing.T) {
 				t.Fatalf("post: %d %s", a.status, a.body)
 			}
 		}
-		if err := e.store.ImportLists(ctx, map[string][]string{
+		if _, err := e.store.ImportLists(ctx, "bazaar", map[string][]string{
 			store.ListMalicious: {hashOf("evil"), hashOf("listed")},
 			store.ListTrusted:   {hashOf("listed"), hashOf("good")},
 			store.ListUntrusted: {hashOf("meh")},
-		}, false); err != nil {
+		}, false, now.Add(-time.Hour)); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.store.Decide(ctx, hashOf("decided"), wire.VerdictTrusted, "ana", "signed vendor build", now.Add(-time.Minute)); err != nil {
 			t.Fatal(err)
 		}
 		first := now.Add(-time.Hour)
+		fed, decided := now.Add(-time.Hour), now.Add(-time.Minute)
 		tests := []struct {
 			name           string
 			file           string
 			wantVerdict    string
+			wantSource     string
+			wantAt         time.Time
 			wantPrevalence int
 			wantTTL        int
 			wantFirst      bool
 		}{
-			{"prevalent", "common", wire.VerdictTrusted, 2, 3600, true},
-			{"rare", "rare", wire.VerdictUnknown, 1, 3600, true},
-			{"malformed ELF", "bad", wire.VerdictUntrusted, 1, 3600, true},
-			{"malicious wins over trusted", "listed", wire.VerdictMalicious, 2, 86400, true},
-			{"malicious, never seen", "evil", wire.VerdictMalicious, 0, 86400, false},
-			{"trusted list", "good", wire.VerdictTrusted, 0, 86400, false},
-			{"untrusted list", "meh", wire.VerdictUntrusted, 0, 86400, false},
-			{"never seen", "nothing", wire.VerdictUnknown, 0, 3600, false},
+			{"prevalent is not trusted by counts", "common", wire.VerdictUnknown, wire.SourcePrevalence, now, 2, 3600, true},
+			{"rare", "rare", wire.VerdictUnknown, wire.SourcePrevalence, now, 1, 3600, true},
+			{"malformed ELF from one installation", "bad", wire.VerdictUnknown, wire.SourcePrevalence, now, 1, 3600, true},
+			{"malicious wins over trusted", "listed", wire.VerdictMalicious, wire.SourceFeed, fed, 2, 86400, true},
+			{"malicious, never seen", "evil", wire.VerdictMalicious, wire.SourceFeed, fed, 0, 86400, false},
+			{"trusted list", "good", wire.VerdictTrusted, wire.SourceFeed, fed, 0, 86400, false},
+			{"untrusted list", "meh", wire.VerdictUntrusted, wire.SourceFeed, fed, 0, 86400, false},
+			{"analyst", "decided", wire.VerdictTrusted, wire.SourceAnalyst, decided, 0, 86400, false},
+			{"never seen", "nothing", wire.VerdictUnknown, wire.SourcePrevalence, now, 0, 3600, false},
 		}
 		var all []string
 		for _, tc := range tests {
@@ -388,8 +395,9 @@ func TestLookup(t *testing.T) {
 				}
 				for _, rep := range []wire.Reputation{one, bulk[i]} {
 					if rep.SHA256 != hashOf(tc.file) || rep.Verdict != tc.wantVerdict || rep.Prevalence != tc.wantPrevalence ||
-						rep.TTLSeconds != tc.wantTTL || (rep.FirstSeen != nil) != tc.wantFirst {
-						t.Errorf("got %+v; want %s, prevalence %d, ttl %d, first seen %v", rep, tc.wantVerdict, tc.wantPrevalence, tc.wantTTL, tc.wantFirst)
+						rep.TTLSeconds != tc.wantTTL || (rep.FirstSeen != nil) != tc.wantFirst ||
+						rep.Source != tc.wantSource || rep.DecidedAt == nil || !rep.DecidedAt.Equal(tc.wantAt) {
+						t.Errorf("got %+v; want %s from %s at %v, prevalence %d, ttl %d, first seen %v", rep, tc.wantVerdict, tc.wantSource, tc.wantAt, tc.wantPrevalence, tc.wantTTL, tc.wantFirst)
 					}
 					if rep.FirstSeen != nil && !rep.FirstSeen.Equal(first) {
 						t.Errorf("first seen %v; want %v", rep.FirstSeen, first)
@@ -495,7 +503,9 @@ func TestHealthAndMetrics(t *testing.T) {
 // panicStore panics on lookups, as a bug would.
 type panicStore struct{ store.Store }
 
-func (panicStore) Lookup(context.Context, []string) ([]store.FileInfo, error) { panic("boom") }
+func (panicStore) Lookup(context.Context, []string, store.Trust) ([]store.FileInfo, error) {
+	panic("boom")
+}
 
 func TestPanicIsRecovered(t *testing.T) {
 	t.Parallel()
@@ -557,7 +567,7 @@ func (s blockingStore) Ingest(ctx context.Context, id, batchID string, stats []s
 func TestIngestBusy(t *testing.T) {
 	t.Parallel()
 	bs := blockingStore{Store: storetest.New(t, storetest.Backends()[0]), entered: make(chan struct{}, 1), release: make(chan struct{})}
-	srv := server.New(server.Config{Store: bs, Now: func() time.Time { return now }, MaxConcurrentIngest: 1})
+	srv := server.New(server.Config{Store: bs, Now: func() time.Time { return now }, MaxConcurrentIngest: 1, IngestWait: time.Millisecond})
 	e := newEnvOn(t, bs)
 	e.url = startServer(t, srv)
 	tok := e.register().Token

@@ -24,10 +24,28 @@ const (
 	VerdictUnknown   = "unknown"
 )
 
-// RegisterRequest is the body of POST /v1/installations.
+// Sources of a verdict, in Reputation.Source. Only curated sources, an
+// analyst or an imported feed, ever say "malicious" or "trusted".
+const (
+	SourceAnalyst    = "analyst"    // an analyst of the network decided
+	SourceFeed       = "feed"       // an imported feed lists the file
+	SourcePrevalence = "prevalence" // the network's reports (untrusted or unknown only)
+)
+
+// ValidSource reports whether s is a source a verdict may carry.
+func ValidSource(s string) bool {
+	return s == SourceAnalyst || s == SourceFeed || s == SourcePrevalence
+}
+
+// MaxEnrollSecret bounds an enrollment secret, in bytes.
+const MaxEnrollSecret = 256
+
+// RegisterRequest is the body of POST /v1/installations. EnrollSecret is
+// the private network's enrollment secret, when it asks for one.
 type RegisterRequest struct {
 	AgentVersion     string `json:"agent_version"`
 	StatementVersion int    `json:"statement_version"`
+	EnrollSecret     string `json:"enroll_secret,omitempty"`
 }
 
 // Registration is the answer to POST /v1/installations. The token
@@ -69,13 +87,23 @@ type LookupRequest struct {
 	SHA256 []string `json:"sha256"`
 }
 
-// Reputation is the verdict on one file.
+// Reputation is the verdict on one file. Source says where the verdict
+// came from (SourceAnalyst, SourceFeed, SourcePrevalence) and DecidedAt
+// when: for an analyst or a feed, when the decision or the import was
+// made; for prevalence, when the answer was computed.
 type Reputation struct {
 	SHA256     string     `json:"sha256"`
 	Verdict    string     `json:"verdict"`
+	Source     string     `json:"source,omitempty"`
+	DecidedAt  *time.Time `json:"decided_at,omitempty"`
 	Prevalence int        `json:"prevalence"` // installations that reported it
 	FirstSeen  *time.Time `json:"first_seen,omitempty"`
 	TTLSeconds int        `json:"ttl_seconds"` // how long the agent may cache it
+}
+
+// ValidVerdict reports whether v is one of the four verdicts.
+func ValidVerdict(v string) bool {
+	return v == VerdictTrusted || v == VerdictUntrusted || v == VerdictMalicious || v == VerdictUnknown
 }
 
 // LookupResponse is the answer to POST /v1/reputation/sha256.

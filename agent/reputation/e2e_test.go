@@ -33,7 +33,7 @@ func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 	}
 	defer st.Close()
 	evil, fine := hash(666), hash(1)
-	if err := st.ImportLists(ctx, map[string][]string{store.ListMalicious: {evil}, store.ListTrusted: {fine}}, false); err != nil {
+	if _, err := st.ImportLists(ctx, "test feed", map[string][]string{store.ListMalicious: {evil}, store.ListTrusted: {fine}}, false, start); err != nil {
 		t.Fatal(err)
 	}
 	ts := httptest.NewServer(server.New(server.Config{Store: st, Rules: verdict.Default(), Now: clk.Now}))

@@ -19,7 +19,7 @@ import (
 
 func TestMain(m *testing.M) {
 	testscript.Main(m, map[string]func(){
-		"cloudprotect-server": func() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) },
+		"cloudprotect-server": func() { os.Exit(run(os.Args[1:], os.Stdin, os.Stdout, os.Stderr)) },
 	})
 }
 

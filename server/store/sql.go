@@ -18,16 +18,16 @@ type dialect struct {
 	migrations [][]string // statements per schema version, version = index+1
 	// lockMigrations runs first in the migration transaction.
 	lockMigrations string
-	// lockInstallation selects 1 from installations for id, holding a lock
-	// that makes a concurrent deletion wait for the transaction.
-	lockInstallation string
-	rebind           func(string) string
-	upsertStats      func(ctx context.Context, tx *sql.Tx, id string, stats []Stat) error
-	insertListed     func(ctx context.Context, tx *sql.Tx, list string, hashes []string) error
-	lookupStats      string // one parameter: the hashes (see hashesArg)
-	lookupListed     string
-	hashesArg        func([]string) any
-	columns          func(ctx context.Context, db *sql.DB) (map[string][]column, error)
+	rebind         func(string) string
+	upsertStats    func(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time) error
+	// inHashes is a condition "column is one of the hashes" over one
+	// parameter, %s standing for the column; hashesArg makes the parameter.
+	inHashes  string
+	hashesArg func([]string) any
+	columns   func(ctx context.Context, db *sql.DB) (map[string][]column, error)
+	// afterDelete runs after a deletion committed, to clear what the
+	// database keeps of deleted rows outside its tables.
+	afterDelete func(ctx context.Context, s *sqlStore) error
 }
 
 // column is one column of one table, for Residue.
@@ -130,6 +130,11 @@ func (s *sqlStore) migrate(ctx context.Context) error {
 	return nil
 }
 
+// in returns the condition "col is one of the hashes" and its argument.
+func (s *sqlStore) in(col string, hashes []string) (string, any) {
+	return fmt.Sprintf(s.d.inHashes, col), s.d.hashesArg(hashes)
+}
+
 func (s *sqlStore) Register(ctx context.Context, id string, tokenHash []byte, now time.Time) error {
 	_, err := s.write.ExecContext(ctx, s.d.rebind("INSERT INTO installations (id, token_hash, created_at) VALUES (?, ?, ?)"),
 		id, tokenHash, now.Unix())
@@ -163,6 +168,12 @@ func (s *sqlStore) InstallationExists(ctx context.Context, id string) (bool, err
 	return true, nil
 }
 
+// dayStart is the start of t's UTC day, in Unix seconds.
+func dayStart(t time.Time) int64 {
+	u := t.Unix()
+	return u - u%86400
+}
+
 func (s *sqlStore) Ingest(ctx context.Context, installationID, batchID string, stats []Stat, now time.Time) (bool, error) {
 	// Sorted by hash, rows are locked in the same order by every
 	// transaction, so two batches of one installation cannot deadlock.
@@ -174,19 +185,26 @@ func (s *sqlStore) Ingest(ctx context.Context, installationID, batchID string, s
 		return false, fmt.Errorf("ingest batch: %w", err)
 	}
 	defer tx.Rollback()
-	var one int
-	err = tx.QueryRowContext(ctx, s.d.rebind(s.d.lockInstallation), installationID).Scan(&one)
-	if errors.Is(err, sql.ErrNoRows) {
-		return false, ErrUnknownInstallation
-	}
+	// Updating the installation's row notes the day it was active, and
+	// locks the row: a concurrent deletion waits for this transaction, and
+	// an ingest after it finds no row.
+	res, err := tx.ExecContext(ctx, s.d.rebind(`UPDATE installations SET
+		active_days = active_days + CASE WHEN last_active < ? THEN 1 ELSE 0 END,
+		last_active = ?
+		WHERE id = ?`), dayStart(now), now.Unix(), installationID)
 	if err != nil {
-		return false, fmt.Errorf("ingest batch: lock installation: %w", err)
+		return false, fmt.Errorf("ingest batch: mark installation active: %w", err)
+	}
+	if n, err := res.RowsAffected(); err != nil {
+		return false, fmt.Errorf("ingest batch: %w", err)
+	} else if n == 0 {
+		return false, ErrUnknownInstallation
 	}
 	// The batch row is the idempotency guard: a concurrent transaction
 	// inserting the same key waits for this one and then inserts nothing.
-	res, err := tx.ExecContext(ctx, s.d.rebind(
-		"INSERT INTO batches (installation_id, batch_id, received_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"),
-		installationID, batchID, now.Unix())
+	res, err = tx.ExecContext(ctx, s.d.rebind(
+		"INSERT INTO batches (installation_id, batch_id, received_at, records) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"),
+		installationID, batchID, now.Unix(), len(stats))
 	if err != nil {
 		return false, fmt.Errorf("ingest batch: record batch id: %w", err)
 	}
@@ -195,9 +213,13 @@ func (s *sqlStore) Ingest(ctx context.Context, installationID, batchID string, s
 		return false, fmt.Errorf("ingest batch: %w", err)
 	}
 	if n == 0 {
+		// The activity is kept: the installation did talk to us today.
+		if err := tx.Commit(); err != nil {
+			return false, fmt.Errorf("ingest batch: commit: %w", err)
+		}
 		return true, nil
 	}
-	if err := s.d.upsertStats(ctx, tx, installationID, stats); err != nil {
+	if err := s.d.upsertStats(ctx, tx, installationID, stats, now); err != nil {
 		return false, fmt.Errorf("ingest batch: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -233,11 +255,16 @@ func (s *sqlStore) DeleteInstallation(ctx context.Context, id string) (bool, err
 	if err := tx.Commit(); err != nil {
 		return false, fmt.Errorf("delete installation: commit: %w", err)
 	}
+	if n > 0 && s.d.afterDelete != nil {
+		if err := s.d.afterDelete(ctx, s); err != nil {
+			return true, fmt.Errorf("delete installation: %w", err)
+		}
+	}
 	return n > 0, nil
 }
 
 func (s *sqlStore) Stats(ctx context.Context, installationID string) ([]Stat, error) {
-	rows, err := s.read.QueryContext(ctx, s.d.rebind(`SELECT sha256, size, kind, package_managed, malformed,
+	rows, err := s.read.QueryContext(ctx, s.d.rebind(`SELECT sha256, size, kind, path, package_managed, malformed,
 		exec_count, loaded, first_seen, last_seen FROM stats WHERE installation_id = ? ORDER BY sha256`), installationID)
 	if err != nil {
 		return nil, fmt.Errorf("read stats: %w", err)
@@ -250,11 +277,11 @@ func (s *sqlStore) Stats(ctx context.Context, installationID string) ([]Stat, er
 			pkg, malf, loaded int
 			first, last       int64
 		)
-		if err := rows.Scan(&st.SHA256, &st.Size, &st.Kind, &pkg, &malf, &st.ExecCount, &loaded, &first, &last); err != nil {
+		if err := rows.Scan(&st.SHA256, &st.Size, &st.Kind, &st.Path, &pkg, &malf, &st.ExecCount, &loaded, &first, &last); err != nil {
 			return nil, fmt.Errorf("read stats: %w", err)
 		}
 		st.PackageManaged, st.Malformed, st.Loaded = pkg != 0, malf != 0, loaded != 0
-		st.FirstSeen, st.LastSeen = time.Unix(first, 0).UTC(), time.Unix(last, 0).UTC()
+		st.FirstSeen, st.LastSeen = unix(first), unix(last)
 		out = append(out, st)
 	}
 	if err := rows.Err(); err != nil {
@@ -263,7 +290,9 @@ func (s *sqlStore) Stats(ctx context.Context, installationID string) ([]Stat, er
 	return out, nil
 }
 
-func (s *sqlStore) Lookup(ctx context.Context, hashes []string) ([]FileInfo, error) {
+func unix(t int64) time.Time { return time.Unix(t, 0).UTC() }
+
+func (s *sqlStore) Lookup(ctx context.Context, hashes []string, trust Trust) ([]FileInfo, error) {
 	infos := make([]FileInfo, len(hashes))
 	index := make(map[string][]int, len(hashes))
 	for i, h := range hashes {
@@ -273,67 +302,154 @@ func (s *sqlStore) Lookup(ctx context.Context, hashes []string) ([]FileInfo, err
 	if len(hashes) == 0 {
 		return infos, nil
 	}
-	arg := s.d.hashesArg(hashes)
-	rows, err := s.read.QueryContext(ctx, s.d.rebind(s.d.lookupStats), arg)
+	each := func(h string, f func(in *FileInfo)) {
+		for _, i := range index[h] {
+			f(&infos[i])
+		}
+	}
+	cond, arg := s.in("sha256", hashes)
+	var malformed []string
+	err := s.query(ctx, "SELECT sha256, COUNT(*), MIN(first_seen), MAX(malformed) FROM stats WHERE "+cond+" GROUP BY sha256",
+		[]any{arg}, func(rows *sql.Rows) error {
+			var (
+				h          string
+				prevalence int
+				first      int64
+				malf       int
+			)
+			if err := rows.Scan(&h, &prevalence, &first, &malf); err != nil {
+				return err
+			}
+			if malf != 0 {
+				malformed = append(malformed, h)
+			}
+			each(h, func(in *FileInfo) {
+				in.Prevalence, in.FirstSeen, in.Malformed = prevalence, unix(first), malf != 0
+			})
+			return nil
+		})
 	if err != nil {
 		return nil, fmt.Errorf("look up files: %w", err)
 	}
-	for rows.Next() {
-		var (
-			h          string
-			prevalence int
-			first      int64
-			malformed  int
-		)
-		if err := rows.Scan(&h, &prevalence, &first, &malformed); err != nil {
-			rows.Close()
+	if err := s.curated(ctx, hashes, each); err != nil {
+		return nil, fmt.Errorf("look up files: %w", err)
+	}
+	if len(malformed) > 0 {
+		if err := s.established(ctx, malformed, trust, each); err != nil {
 			return nil, fmt.Errorf("look up files: %w", err)
 		}
-		for _, i := range index[h] {
-			infos[i].Prevalence = prevalence
-			infos[i].FirstSeen = time.Unix(first, 0).UTC()
-			infos[i].Malformed = malformed != 0
-		}
-	}
-	if err := errors.Join(rows.Err(), rows.Close()); err != nil {
-		return nil, fmt.Errorf("look up files: %w", err)
-	}
-	rows, err = s.read.QueryContext(ctx, s.d.rebind(s.d.lookupListed), arg)
-	if err != nil {
-		return nil, fmt.Errorf("look up lists: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var h, list string
-		if err := rows.Scan(&h, &list); err != nil {
-			return nil, fmt.Errorf("look up lists: %w", err)
-		}
-		for _, i := range index[h] {
-			switch list {
-			case ListTrusted:
-				infos[i].Trusted = true
-			case ListUntrusted:
-				infos[i].Untrusted = true
-			case ListMalicious:
-				infos[i].Malicious = true
-			}
-		}
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("look up lists: %w", err)
 	}
 	return infos, nil
 }
 
-func (s *sqlStore) ImportLists(ctx context.Context, lists map[string][]string, replace bool) error {
+// curated fills in the feeds' listings and the analysts' decisions.
+func (s *sqlStore) curated(ctx context.Context, hashes []string, each func(string, func(*FileInfo))) error {
+	cond, arg := s.in("sha256", hashes)
+	err := s.query(ctx, "SELECT sha256, list, feed, added_at FROM listed WHERE "+cond+" ORDER BY sha256, list, added_at DESC",
+		[]any{arg}, func(rows *sql.Rows) error {
+			var (
+				h string
+				l Listing
+				t int64
+			)
+			if err := rows.Scan(&h, &l.List, &l.Feed, &t); err != nil {
+				return err
+			}
+			l.AddedAt = unix(t)
+			each(h, func(in *FileInfo) { in.Listings = append(in.Listings, l) })
+			return nil
+		})
+	if err != nil {
+		return err
+	}
+	return s.query(ctx, "SELECT sha256, verdict, analyst, reason, decided_at FROM decisions WHERE "+cond,
+		[]any{arg}, func(rows *sql.Rows) error {
+			var (
+				h string
+				d Decision
+				t int64
+			)
+			if err := rows.Scan(&h, &d.Verdict, &d.Analyst, &d.Reason, &t); err != nil {
+				return err
+			}
+			d.DecidedAt = unix(t)
+			each(h, func(in *FileInfo) { dd := d; in.Decision = &dd })
+			return nil
+		})
+}
+
+// established counts, per file, the established installations that
+// reported it and those of them that found it malformed.
+func (s *sqlStore) established(ctx context.Context, hashes []string, trust Trust, each func(string, func(*FileInfo))) error {
+	cond, arg := s.in("s.sha256", hashes)
+	return s.query(ctx, `SELECT s.sha256, COUNT(*), SUM(s.malformed) FROM stats s
+		JOIN installations i ON i.id = s.installation_id
+		WHERE `+cond+` AND i.created_at <= ? AND i.active_days >= ? GROUP BY s.sha256`,
+		[]any{arg, trust.registeredBefore(), trust.MinActiveDays}, func(rows *sql.Rows) error {
+			var (
+				h       string
+				n, malf int
+			)
+			if err := rows.Scan(&h, &n, &malf); err != nil {
+				return err
+			}
+			each(h, func(in *FileInfo) { in.Established, in.MalformedEstablished = n, malf })
+			return nil
+		})
+}
+
+// query runs q on the read pool and calls f for every row.
+func (s *sqlStore) query(ctx context.Context, q string, args []any, f func(*sql.Rows) error) error {
+	rows, err := s.read.QueryContext(ctx, s.d.rebind(q), args...)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		if err := f(rows); err != nil {
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+// insertRows inserts rows into table in multi-row statements.
+func insertRows(ctx context.Context, tx *sql.Tx, rebind func(string) string, table string, cols []string, suffix string, rows [][]any) error {
+	const perStmt = 500
+	for len(rows) > 0 {
+		n := min(len(rows), perStmt)
+		var b strings.Builder
+		fmt.Fprintf(&b, "INSERT INTO %s (%s) VALUES ", table, strings.Join(cols, ", "))
+		args := make([]any, 0, n*len(cols))
+		ph := "(" + strings.TrimSuffix(strings.Repeat("?, ", len(cols)), ", ") + ")"
+		for i, r := range rows[:n] {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			b.WriteString(ph)
+			args = append(args, r...)
+		}
+		b.WriteString(" " + suffix)
+		if _, err := tx.ExecContext(ctx, rebind(b.String()), args...); err != nil {
+			return fmt.Errorf("insert into %s: %w", table, err)
+		}
+		rows = rows[n:]
+	}
+	return nil
+}
+
+func (s *sqlStore) ImportLists(ctx context.Context, feed string, lists map[string][]string, replace bool, now time.Time) (map[string]ImportCount, error) {
+	if feed == "" {
+		return nil, errors.New("import lists: no feed name")
+	}
 	for name := range lists {
-		if name != ListTrusted && name != ListUntrusted && name != ListMalicious {
-			return fmt.Errorf("import lists: unknown list %q", name)
+		if !ValidList(name) {
+			return nil, fmt.Errorf("import lists: unknown list %q", name)
 		}
 	}
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("import lists: %w", err)
+		return nil, fmt.Errorf("import lists: %w", err)
 	}
 	defer tx.Rollback()
 	names := make([]string, 0, len(lists))
@@ -341,21 +457,96 @@ func (s *sqlStore) ImportLists(ctx context.Context, lists map[string][]string, r
 		names = append(names, name)
 	}
 	slices.Sort(names)
+	out := make(map[string]ImportCount, len(lists))
 	for _, name := range names {
-		if replace {
-			if _, err := tx.ExecContext(ctx, s.d.rebind("DELETE FROM listed WHERE list = ?"), name); err != nil {
-				return fmt.Errorf("import lists: empty %s: %w", name, err)
-			}
-		}
 		hashes := slices.Clone(lists[name])
 		slices.Sort(hashes)
 		hashes = slices.Compact(hashes)
-		if err := s.d.insertListed(ctx, tx, name, hashes); err != nil {
-			return fmt.Errorf("import lists: %s: %w", name, err)
+		// What this feed already lists here.
+		had := map[string]bool{}
+		rows, err := tx.QueryContext(ctx, s.d.rebind("SELECT sha256 FROM listed WHERE list = ? AND feed = ?"), name, feed)
+		if err != nil {
+			return nil, fmt.Errorf("import lists: %s: %w", name, err)
 		}
+		for rows.Next() {
+			var h string
+			if err := rows.Scan(&h); err != nil {
+				rows.Close()
+				return nil, fmt.Errorf("import lists: %s: %w", name, err)
+			}
+			had[h] = true
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return nil, fmt.Errorf("import lists: %s: %w", name, err)
+		}
+		var added, history [][]any
+		for _, h := range hashes {
+			if had[h] {
+				delete(had, h)
+				continue
+			}
+			added = append(added, []any{h, name, feed, now.Unix()})
+			history = append(history, []any{h, name, SourceFeed, feed, "", now.Unix()})
+		}
+		count := ImportCount{Hashes: len(hashes), Added: len(added)}
+		if replace && len(had) > 0 {
+			gone := make([]string, 0, len(had))
+			for h := range had {
+				gone = append(gone, h)
+			}
+			slices.Sort(gone)
+			for chunk := range slices.Chunk(gone, 10000) {
+				cond, arg := s.in("sha256", chunk)
+				if _, err := tx.ExecContext(ctx, s.d.rebind("DELETE FROM listed WHERE list = ? AND feed = ? AND "+cond), name, feed, arg); err != nil {
+					return nil, fmt.Errorf("import lists: %s: remove: %w", name, err)
+				}
+			}
+			for _, h := range gone {
+				history = append(history, []any{h, VerdictCleared, SourceFeed, feed, "removed from the " + name + " list", now.Unix()})
+			}
+			count.Removed = len(gone)
+		}
+		if err := insertRows(ctx, tx, s.d.rebind, "listed", []string{"sha256", "list", "feed", "added_at"}, "ON CONFLICT DO NOTHING", added); err != nil {
+			return nil, fmt.Errorf("import lists: %s: %w", name, err)
+		}
+		if err := insertRows(ctx, tx, s.d.rebind, "verdict_history", []string{"sha256", "verdict", "source", "actor", "reason", "at"}, "", history); err != nil {
+			return nil, fmt.Errorf("import lists: %s: %w", name, err)
+		}
+		out[name] = count
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("import lists: commit: %w", err)
+		return nil, fmt.Errorf("import lists: commit: %w", err)
+	}
+	return out, nil
+}
+
+func (s *sqlStore) Decide(ctx context.Context, sha256, verdict, analyst, reason string, now time.Time) error {
+	tx, err := s.write.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("record decision: %w", err)
+	}
+	defer tx.Rollback()
+	hist := verdict
+	if verdict == "" {
+		hist = VerdictCleared
+		if _, err := tx.ExecContext(ctx, s.d.rebind("DELETE FROM decisions WHERE sha256 = ?"), sha256); err != nil {
+			return fmt.Errorf("record decision: %w", err)
+		}
+	} else {
+		if _, err := tx.ExecContext(ctx, s.d.rebind(`INSERT INTO decisions (sha256, verdict, analyst, reason, decided_at)
+			VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET
+			verdict = excluded.verdict, analyst = excluded.analyst, reason = excluded.reason, decided_at = excluded.decided_at`),
+			sha256, verdict, analyst, reason, now.Unix()); err != nil {
+			return fmt.Errorf("record decision: %w", err)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, s.d.rebind(`INSERT INTO verdict_history (sha256, verdict, source, actor, reason, at)
+		VALUES (?, ?, ?, ?, ?, ?)`), sha256, hist, SourceAnalyst, analyst, reason, now.Unix()); err != nil {
+		return fmt.Errorf("record decision: history: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("record decision: commit: %w", err)
 	}
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/url"
 	"strings"
+	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 )
@@ -45,25 +46,75 @@ var sqliteDialect = &dialect{
 			list TEXT NOT NULL,
 			PRIMARY KEY (sha256, list)
 		) WITHOUT ROWID`,
+	}, {
+		`ALTER TABLE installations ADD COLUMN last_active INTEGER NOT NULL DEFAULT 0`,
+		`ALTER TABLE installations ADD COLUMN active_days INTEGER NOT NULL DEFAULT 0`,
+		`ALTER TABLE batches ADD COLUMN records INTEGER NOT NULL DEFAULT 0`,
+		`CREATE INDEX batches_received ON batches (received_at)`,
+		`ALTER TABLE stats ADD COLUMN path TEXT NOT NULL DEFAULT ''`,
+		`ALTER TABLE stats ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0`,
+		`DROP INDEX stats_sha256`,
+		`CREATE INDEX stats_sha256 ON stats (sha256, created_at)`,
+		`CREATE INDEX stats_created ON stats (created_at)`,
+		`CREATE TABLE listed_v2 (
+			sha256 TEXT NOT NULL,
+			list TEXT NOT NULL,
+			feed TEXT NOT NULL,
+			added_at INTEGER NOT NULL,
+			PRIMARY KEY (sha256, list, feed)
+		) WITHOUT ROWID`,
+		`INSERT INTO listed_v2 (sha256, list, feed, added_at) SELECT sha256, list, 'import', 0 FROM listed`,
+		`DROP TABLE listed`,
+		`ALTER TABLE listed_v2 RENAME TO listed`,
+		`CREATE INDEX listed_feed ON listed (feed, list)`,
+		`CREATE TABLE decisions (
+			sha256 TEXT PRIMARY KEY,
+			verdict TEXT NOT NULL,
+			analyst TEXT NOT NULL,
+			reason TEXT NOT NULL,
+			decided_at INTEGER NOT NULL
+		) WITHOUT ROWID`,
+		`CREATE TABLE verdict_history (
+			id INTEGER PRIMARY KEY AUTOINCREMENT,
+			sha256 TEXT NOT NULL,
+			verdict TEXT NOT NULL,
+			source TEXT NOT NULL,
+			actor TEXT NOT NULL,
+			reason TEXT NOT NULL,
+			at INTEGER NOT NULL
+		)`,
+		`CREATE INDEX verdict_history_sha256 ON verdict_history (sha256, id)`,
+		`CREATE TABLE analysts (
+			name TEXT PRIMARY KEY,
+			password_hash TEXT NOT NULL,
+			created_at INTEGER NOT NULL
+		) WITHOUT ROWID`,
+		`CREATE TABLE console_sessions (
+			token_hash BLOB PRIMARY KEY,
+			analyst TEXT NOT NULL,
+			csrf TEXT NOT NULL,
+			created_at INTEGER NOT NULL,
+			expires_at INTEGER NOT NULL
+		) WITHOUT ROWID`,
+		`CREATE INDEX console_sessions_analyst ON console_sessions (analyst)`,
 	}},
-	lockInstallation: "SELECT 1 FROM installations WHERE id = ?",
-	rebind:           func(q string) string { return q },
-	upsertStats:      sqliteUpsertStats,
-	insertListed:     sqliteInsertListed,
-	lookupStats: `SELECT sha256, COUNT(*), MIN(first_seen), MAX(malformed) FROM stats
-		WHERE sha256 IN (SELECT value FROM json_each(?)) GROUP BY sha256`,
-	lookupListed: `SELECT sha256, list FROM listed WHERE sha256 IN (SELECT value FROM json_each(?))`,
+	rebind:      func(q string) string { return q },
+	upsertStats: sqliteUpsertStats,
+	inHashes:    "%s IN (SELECT value FROM json_each(?))",
 	hashesArg: func(h []string) any {
 		b, _ := json.Marshal(h) // []string always marshals
 		return string(b)
 	},
-	columns: sqliteColumns,
+	afterDelete: sqliteAfterDelete,
+	columns:     sqliteColumns,
 }
 
 // openSQLite opens the database file at path. WAL lets readers run beside
 // the one writer; busy_timeout makes a second process wait rather than
 // fail; writes begin IMMEDIATE so a transaction never has to upgrade its
-// lock halfway.
+// lock halfway. secure_delete makes SQLite overwrite deleted rows and
+// freed pages with zeros, so a deleted installation cannot be read back
+// from free space in the file (see sqliteAfterDelete for the WAL).
 func openSQLite(ctx context.Context, path string, log *slog.Logger) (*sqlStore, error) {
 	if path == "" || path == ":memory:" || strings.HasPrefix(path, "file:") || strings.Contains(path, "?") {
 		return nil, fmt.Errorf("open sqlite: want sqlite:PATH with a file path, got %q", path)
@@ -73,6 +124,7 @@ func openSQLite(ctx context.Context, path string, log *slog.Logger) (*sqlStore, 
 	q.Add("_pragma", "journal_mode(WAL)")
 	q.Add("_pragma", "synchronous(NORMAL)")
 	q.Add("_pragma", "cache_size(-32768)") // KiB: 32 MiB of pages per connection
+	q.Add("_pragma", "secure_delete(ON)")
 	dsn := "file:" + path + "?" + q.Encode()
 	write, err := sql.Open("sqlite", dsn+"&_txlock=immediate")
 	if err != nil {
@@ -98,13 +150,14 @@ func openSQLite(ctx context.Context, path string, log *slog.Logger) (*sqlStore, 
 	return s, nil
 }
 
-func sqliteUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat) error {
+func sqliteUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time) error {
 	stmt, err := tx.PrepareContext(ctx, `INSERT INTO stats
-		(installation_id, sha256, size, kind, package_managed, malformed, exec_count, loaded, first_seen, last_seen)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		(installation_id, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen, created_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (installation_id, sha256) DO UPDATE SET
 			size = excluded.size,
 			kind = excluded.kind,
+			path = excluded.path,
 			package_managed = excluded.package_managed,
 			malformed = MAX(stats.malformed, excluded.malformed),
 			exec_count = stats.exec_count + excluded.exec_count,
@@ -116,26 +169,37 @@ func sqliteUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat)
 	}
 	defer stmt.Close()
 	for _, st := range stats {
-		if _, err := stmt.ExecContext(ctx, id, st.SHA256, st.Size, st.Kind, boolInt(st.PackageManaged),
-			boolInt(st.Malformed), st.ExecCount, boolInt(st.Loaded), st.FirstSeen.Unix(), st.LastSeen.Unix()); err != nil {
+		if _, err := stmt.ExecContext(ctx, id, st.SHA256, st.Size, st.Kind, st.Path, boolInt(st.PackageManaged),
+			boolInt(st.Malformed), st.ExecCount, boolInt(st.Loaded), st.FirstSeen.Unix(), st.LastSeen.Unix(), now.Unix()); err != nil {
 			return fmt.Errorf("upsert stats: %w", err)
 		}
 	}
 	return nil
 }
 
-func sqliteInsertListed(ctx context.Context, tx *sql.Tx, list string, hashes []string) error {
-	stmt, err := tx.PrepareContext(ctx, "INSERT INTO listed (sha256, list) VALUES (?, ?) ON CONFLICT DO NOTHING")
-	if err != nil {
-		return fmt.Errorf("prepare insert: %w", err)
-	}
-	defer stmt.Close()
-	for _, h := range hashes {
-		if _, err := stmt.ExecContext(ctx, h, list); err != nil {
-			return fmt.Errorf("insert listed hash: %w", err)
+// sqliteAfterDelete empties the write-ahead log after a deletion: its
+// frames hold the pages as they were before, deleted rows included. A
+// TRUNCATE checkpoint copies them into the database (where secure_delete
+// has zeroed the rows) and cuts the log to nothing. Readers in the way
+// make it wait (busy_timeout); if they outlast that it tries again.
+func sqliteAfterDelete(ctx context.Context, s *sqlStore) error {
+	for try := 0; ; try++ {
+		var busy, logFrames, done int
+		if err := s.write.QueryRowContext(ctx, "PRAGMA wal_checkpoint(TRUNCATE)").Scan(&busy, &logFrames, &done); err != nil {
+			return fmt.Errorf("empty the write-ahead log: %w", err)
+		}
+		if busy == 0 {
+			return nil
+		}
+		if try == 5 {
+			return fmt.Errorf("empty the write-ahead log: readers kept it busy; it is emptied at the next deletion or restart")
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("empty the write-ahead log: %w", ctx.Err())
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	return nil
 }
 
 func sqliteColumns(ctx context.Context, db *sql.DB) (map[string][]column, error) {

@@ -108,13 +108,15 @@ func TestIngestAggregates(t *testing.T) {
 			t.Errorf("Stats(a) =\n%v\nwant\n%v", got, want)
 		}
 
-		infos, err := s.Lookup(ctx, []string{hash(1), hash(2), hash(3), hash(1)})
+		infos, err := s.Lookup(ctx, []string{hash(1), hash(2), hash(3), hash(1)}, store.Trust{Now: t0})
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Both installations were registered at t0 and sent batches on
+		// one day: with MinActiveDays 0, both count as established.
 		wantInfo := []store.FileInfo{
 			{SHA256: hash(1), Prevalence: 2, FirstSeen: t0.Add(-time.Hour)},
-			{SHA256: hash(2), Prevalence: 1, FirstSeen: h1, Malformed: true},
+			{SHA256: hash(2), Prevalence: 1, FirstSeen: h1, Malformed: true, Established: 1, MalformedEstablished: 1},
 			{SHA256: hash(3)},
 			{SHA256: hash(1), Prevalence: 2, FirstSeen: t0.Add(-time.Hour)},
 		}
@@ -227,7 +229,7 @@ func TestDeleteInstallation(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		if err := s.ImportLists(ctx, map[string][]string{store.ListTrusted: {hash(1)}}, false); err != nil {
+		if _, err := s.ImportLists(ctx, "vendor", map[string][]string{store.ListTrusted: {hash(1)}}, false, t0); err != nil {
 			t.Fatal(err)
 		}
 		before, err := s.Residue(ctx, "gone", tokenHash("token-gone"))
@@ -256,8 +258,8 @@ func TestDeleteInstallation(t *testing.T) {
 				t.Errorf("after deletion, %s holds %d rows naming the installation", table, n)
 			}
 		}
-		infos, err := s.Lookup(ctx, []string{hash(1)})
-		if err != nil || infos[0].Prevalence != 1 || !infos[0].Trusted {
+		infos, err := s.Lookup(ctx, []string{hash(1)}, store.Trust{Now: t0})
+		if _, listed := infos[0].Listed(store.ListTrusted); err != nil || infos[0].Prevalence != 1 || !listed {
 			t.Errorf("Lookup after deletion = %+v, %v; want prevalence 1 and the list kept", infos, err)
 		}
 		if got, _ := s.Stats(ctx, "stays"); len(got) != 2 {
@@ -283,37 +285,44 @@ func TestImportLists(t *testing.T) {
 		ctx := context.Background()
 		s := storetest.New(t, b)
 		steps := []struct {
-			name    string
-			lists   map[string][]string
-			replace bool
-			wantErr bool
-			want    string // flags per hash 1..3: t, u, m or -
+			name      string
+			feed      string
+			lists     map[string][]string
+			replace   bool
+			wantErr   bool
+			wantCount map[string]store.ImportCount
+			want      string // lists per hash 1..3: t, u, m or -
 		}{
-			{name: "add", lists: map[string][]string{store.ListTrusted: {hash(1), hash(2), hash(2)}, store.ListMalicious: {hash(2)}}, want: "t tm -"},
-			{name: "add more", lists: map[string][]string{store.ListUntrusted: {hash(3)}}, want: "t tm u"},
-			{name: "replace trusted", lists: map[string][]string{store.ListTrusted: {hash(3)}}, replace: true, want: "- m tu"},
-			{name: "unknown list", lists: map[string][]string{"greylist": {hash(1)}}, wantErr: true, want: "- m tu"},
+			{name: "add", feed: "a", lists: map[string][]string{store.ListTrusted: {hash(1), hash(2), hash(2)}, store.ListMalicious: {hash(2)}},
+				wantCount: map[string]store.ImportCount{store.ListTrusted: {Hashes: 2, Added: 2}, store.ListMalicious: {Hashes: 1, Added: 1}}, want: "t tm -"},
+			{name: "add more", feed: "a", lists: map[string][]string{store.ListUntrusted: {hash(3)}, store.ListTrusted: {hash(1)}},
+				wantCount: map[string]store.ImportCount{store.ListUntrusted: {Hashes: 1, Added: 1}, store.ListTrusted: {Hashes: 1}}, want: "t tm u"},
+			{name: "another feed", feed: "b", lists: map[string][]string{store.ListTrusted: {hash(3)}},
+				wantCount: map[string]store.ImportCount{store.ListTrusted: {Hashes: 1, Added: 1}}, want: "t tm tu"},
+			{name: "replace keeps other feeds", feed: "a", lists: map[string][]string{store.ListTrusted: {hash(2)}}, replace: true,
+				wantCount: map[string]store.ImportCount{store.ListTrusted: {Hashes: 1, Removed: 1}}, want: "- tm tu"},
+			{name: "unknown list", feed: "a", lists: map[string][]string{"greylist": {hash(1)}}, wantErr: true, want: "- tm tu"},
+			{name: "no feed name", lists: map[string][]string{store.ListTrusted: {hash(1)}}, wantErr: true, want: "- tm tu"},
 		}
 		for _, step := range steps {
-			err := s.ImportLists(ctx, step.lists, step.replace)
+			counts, err := s.ImportLists(ctx, step.feed, step.lists, step.replace, t0)
 			if (err != nil) != step.wantErr {
 				t.Fatalf("%s: ImportLists error = %v; want error %v", step.name, err, step.wantErr)
 			}
-			infos, err := s.Lookup(ctx, []string{hash(1), hash(2), hash(3)})
+			if !step.wantErr && fmt.Sprint(counts) != fmt.Sprint(step.wantCount) {
+				t.Errorf("%s: counts %v; want %v", step.name, counts, step.wantCount)
+			}
+			infos, err := s.Lookup(ctx, []string{hash(1), hash(2), hash(3)}, store.Trust{Now: t0})
 			if err != nil {
 				t.Fatal(err)
 			}
 			var got []string
 			for _, in := range infos {
 				f := ""
-				if in.Trusted {
-					f += "t"
-				}
-				if in.Untrusted {
-					f += "u"
-				}
-				if in.Malicious {
-					f += "m"
+				for _, l := range []string{store.ListTrusted, store.ListUntrusted, store.ListMalicious} {
+					if _, ok := in.Listed(l); ok {
+						f += l[:1]
+					}
 				}
 				if f == "" {
 					f = "-"
@@ -323,6 +332,17 @@ func TestImportLists(t *testing.T) {
 			if g := strings.Join(got, " "); g != step.want {
 				t.Errorf("%s: lists = %q; want %q", step.name, g, step.want)
 			}
+		}
+		d, err := s.File(ctx, hash(1), store.Trust{Now: t0})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var hist []string
+		for _, c := range d.History {
+			hist = append(hist, c.Verdict+"/"+c.Source+"/"+c.Actor)
+		}
+		if want := "cleared/feed/a trusted/feed/a"; strings.Join(hist, " ") != want {
+			t.Errorf("history of hash 1: %q; want %q", hist, want)
 		}
 	})
 }
