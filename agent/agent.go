@@ -171,6 +171,7 @@ func New(cfg Config) (*Agent, error) {
 		Allowed:          cm.Collecting,
 		StatementVersion: a.statementVersion,
 		AgentVersion:     Version,
+		EnrollSecret:     a.enrollSecret,
 		Logger:           cfg.Logger,
 		OnChange:         a.statusChanged,
 	})
@@ -370,6 +371,30 @@ func (a *Agent) Status() api.Status {
 	}
 	a.mu.Unlock()
 	return st
+}
+
+// enrollSecret reads the enrollment secret from the file the policy
+// names, or returns "" when it names none.
+func (a *Agent) enrollSecret() (string, error) {
+	f := a.consent.View().EnrollSecretFile
+	if f == "" {
+		return "", nil
+	}
+	return ReadEnrollSecret(f)
+}
+
+// ReadEnrollSecret reads an enrollment secret file: its contents without
+// surrounding white space, 1 to wire.MaxEnrollSecret bytes.
+func ReadEnrollSecret(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("read the policy's enroll_secret_file: %w", err)
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" || len(s) > wire.MaxEnrollSecret {
+		return "", fmt.Errorf("read the policy's enroll_secret_file %s: want 1 to %d characters, it holds %d", path, wire.MaxEnrollSecret, len(s))
+	}
+	return s, nil
 }
 
 // server returns the Security Network's URL: the policy's, else the flag's.

@@ -38,6 +38,9 @@ type View struct {
 	// AdminGroup is the policy's group allowed to change participation;
 	// empty means the default (see AdminGroupName).
 	AdminGroup string
+	// EnrollSecretFile is the policy's file holding the enrollment secret
+	// of a private Security Network, if it names one.
+	EnrollSecretFile string
 }
 
 // AdminGroupName returns the group allowed to change participation: the
@@ -161,6 +164,7 @@ func (m *Manager) viewLocked() View {
 		Notice:           m.notice,
 		Server:           m.policy.Server,
 		AdminGroup:       m.policy.AdminGroup,
+		EnrollSecretFile: m.policy.EnrollSecretFile,
 	}
 	if m.policyErr != nil {
 		v.PolicyError = m.policyErr.Error()

@@ -93,7 +93,7 @@ func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 	mu.Lock()
 	got := alerts
 	mu.Unlock()
-	want := api.Alert{SHA256: evil, Path: "~/Downloads/invoice.pdf.sh", Program: "invoice.pdf.sh", Verdict: wire.VerdictMalicious}
+	want := api.Alert{SHA256: evil, Path: "~/Downloads/invoice.pdf.sh", Program: "invoice.pdf.sh", Verdict: wire.VerdictMalicious, Source: wire.SourceFeed, Action: api.AlertActionAlerted}
 	if len(got) != 1 || got[0] != want {
 		t.Errorf("alerts = %+v; want [%+v]", got, want)
 	}

@@ -13,8 +13,11 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"path"
+	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
@@ -357,7 +360,7 @@ func (c *Checker) lookup(ctx context.Context) {
 			c.storeLocked(r.SHA256, r.Verdict, now.Add(time.Duration(r.TTLSeconds)*time.Second))
 		}
 		if r.Verdict == wire.VerdictMalicious || r.Verdict == wire.VerdictUntrusted {
-			alerts = append(alerts, api.Alert{SHA256: r.SHA256, Path: p, Program: path.Base(p), Verdict: r.Verdict})
+			alerts = append(alerts, AlertFor(r.SHA256, p, r))
 			c.stats.Alerts++
 		}
 	}
@@ -457,4 +460,38 @@ func backoff(n int, lo, hi time.Duration, jitter func() float64) time.Duration {
 	}
 	d = min(d, hi)
 	return d/2 + time.Duration(jitter()*float64(d/2))
+}
+
+// AlertFor builds the alert on a file from the agent's own facts: the
+// hash it asked about, the path it saw the file at, and of the server's
+// answer only the verdict and its source, each one of a fixed set of
+// words (anything else reads as "unknown" and no source). Nothing the
+// server wrote as free text reaches an alert. Bidirectional overrides,
+// control and other invisible format characters in the path, which a
+// hostile file name can carry to make one program look like another or
+// to smuggle a message, are shown as "?".
+func AlertFor(sha256, seenPath string, r wire.Reputation) api.Alert {
+	v := r.Verdict
+	if !wire.ValidVerdict(v) {
+		v = wire.VerdictUnknown
+	}
+	src := r.Source
+	if !wire.ValidSource(src) {
+		src = ""
+	}
+	shown := Neutralise(seenPath)
+	return api.Alert{SHA256: sha256, Path: shown, Program: path.Base(shown), Verdict: v, Source: src, Action: api.AlertActionAlerted}
+}
+
+// Neutralise replaces the characters of s that change how the text
+// around them reads (bidirectional controls, control and format
+// characters, invalid UTF-8) with "?".
+func Neutralise(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r == utf8.RuneError || unicode.IsControl(r) || unicode.Is(unicode.Cf, r) ||
+			unicode.Is(unicode.Zl, r) || unicode.Is(unicode.Zp, r) {
+			return '?'
+		}
+		return r
+	}, strings.ToValidUTF8(s, "?"))
 }

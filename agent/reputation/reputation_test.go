@@ -212,8 +212,8 @@ func TestBadVerdictsRaiseAlerts(t *testing.T) {
 	got := r.gotAlerts()
 	slices.SortFunc(got, func(a, b api.Alert) int { return strings.Compare(a.Verdict, b.Verdict) })
 	want := []api.Alert{
-		{SHA256: hash(1), Path: "~/Downloads/tool-1", Program: "tool-1", Verdict: wire.VerdictMalicious},
-		{SHA256: hash(2), Path: "~/Downloads/tool-2", Program: "tool-2", Verdict: wire.VerdictUntrusted},
+		{SHA256: hash(1), Path: "~/Downloads/tool-1", Program: "tool-1", Verdict: wire.VerdictMalicious, Action: api.AlertActionAlerted},
+		{SHA256: hash(2), Path: "~/Downloads/tool-2", Program: "tool-2", Verdict: wire.VerdictUntrusted, Action: api.AlertActionAlerted},
 	}
 	if !slices.Equal(got, want) {
 		t.Errorf("alerts = %+v; want %+v", got, want)

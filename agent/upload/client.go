@@ -431,7 +431,7 @@ func checkRegistration(reg wire.Registration) error {
 }
 
 // checkReputations keeps the answers to hashes that were asked about, one
-// per hash, with known verdicts and bounded TTLs.
+// per hash, with known verdicts and sources and bounded TTLs.
 func checkReputations(reps []wire.Reputation, asked []string) []wire.Reputation {
 	want := make(map[string]bool, len(asked))
 	for _, h := range asked {
@@ -443,10 +443,11 @@ func checkReputations(reps []wire.Reputation, asked []string) []wire.Reputation 
 			continue
 		}
 		want[r.SHA256] = false
-		switch r.Verdict {
-		case wire.VerdictTrusted, wire.VerdictUntrusted, wire.VerdictMalicious, wire.VerdictUnknown:
-		default:
+		if !wire.ValidVerdict(r.Verdict) {
 			r.Verdict = wire.VerdictUnknown
+		}
+		if !wire.ValidSource(r.Source) {
+			r.Source = ""
 		}
 		r.TTLSeconds = max(0, min(r.TTLSeconds, int(maxTTL/time.Second)))
 		r.Prevalence = max(0, r.Prevalence)

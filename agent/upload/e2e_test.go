@@ -155,3 +155,51 @@ func TestEndToEndWithTheRealServer(t *testing.T) {
 		t.Error("the old token is still in the state file")
 	}
 }
+
+// TestEnrollSecretWithTheRealServer registers with a private network's
+// enrollment secret: without it, or when the policy's file cannot be
+// read, nothing is registered and nothing is sent.
+func TestEnrollSecretWithTheRealServer(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	const secret = "the organisation's enrollment secret"
+	for _, tc := range []struct {
+		name    string
+		secret  func() (string, error)
+		wantErr string
+	}{
+		{"right secret", func() (string, error) { return secret, nil }, ""},
+		{"no secret", nil, "403"},
+		{"wrong secret", func() (string, error) { return "guess", nil }, "enrollment secret missing or wrong"},
+		{"unreadable file", func() (string, error) { return "", os.ErrPermission }, "permission denied"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			h := newHarness(t, "", func(o *upload.Options) { o.EnrollSecret = tc.secret })
+			st, err := store.Open(ctx, "sqlite:"+filepath.Join(t.TempDir(), "cloud.db"), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { st.Close() })
+			ts := httptest.NewServer(server.New(server.Config{Store: st, Rules: verdict.Default(), Now: h.clk.Now, EnrollSecret: []byte(secret)}))
+			t.Cleanup(ts.Close)
+			h.server.Store(ts.URL)
+			h.start()
+			h.idle()
+			h.q.Add(uploadtest.Record(1, 1, start.Add(-time.Hour)))
+			sent, err := h.sendNow()
+			if tc.wantErr == "" {
+				if err != nil || sent != 1 {
+					t.Fatalf("SendNow = %d, %v; want 1 sent", sent, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) || sent != 0 {
+				t.Fatalf("SendNow = %d, %v; want nothing sent and an error about %q", sent, err, tc.wantErr)
+			}
+			if h.up.Status().Registered || h.q.Pending() != 1 {
+				t.Fatalf("registered %v, %d pending; want not registered and the record kept", h.up.Status().Registered, h.q.Pending())
+			}
+		})
+	}
+}

@@ -80,6 +80,11 @@ type Options struct {
 	StatementVersion func() int
 	// AgentVersion is sent when registering.
 	AgentVersion string
+	// EnrollSecret returns the private network's enrollment secret, sent
+	// when registering; "" when there is none. An error stops the
+	// registration: an installation is not registered without the secret
+	// its administrator configured. Nil means none.
+	EnrollSecret func() (string, error)
 	// Client configures the HTTP clients (TLS roots, timeouts).
 	Client ClientOptions
 	// Clock is the time; nil means SystemClock.
@@ -772,11 +777,17 @@ func (u *Uploader) ensureRegistered(ctx context.Context, gen uint64) (Credential
 	if err != nil {
 		return Credentials{}, err
 	}
+	req := wire.RegisterRequest{AgentVersion: u.opts.AgentVersion, StatementVersion: u.opts.StatementVersion()}
+	if u.opts.EnrollSecret != nil {
+		if req.EnrollSecret, err = u.opts.EnrollSecret(); err != nil {
+			return Credentials{}, fmt.Errorf("register: %w", err)
+		}
+	}
 	rctx, done, err := u.begin(ctx, gen, true)
 	if err != nil {
 		return Credentials{}, err
 	}
-	reg, err := c.Register(rctx, wire.RegisterRequest{AgentVersion: u.opts.AgentVersion, StatementVersion: u.opts.StatementVersion()})
+	reg, err := c.Register(rctx, req)
 	done()
 	if err != nil {
 		return Credentials{}, err
