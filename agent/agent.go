@@ -25,11 +25,12 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/queue"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/version"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 
-// Version is the agent's version, set at build time.
-var Version = "0.1.0-dev"
+// Version is the agent's version (package version, set at build time).
+var Version = version.Version
 
 // Modes the agent runs in.
 const (
@@ -323,7 +324,7 @@ func (a *Agent) Status() api.Status {
 	v := a.consent.View()
 	st := api.Status{
 		Participation: api.Participation{
-			State:            string(v.State),
+			State:            api.State(v.State),
 			StatementVersion: v.StatementVersion,
 			AcceptedVersion:  v.AcceptedVersion,
 			Paused:           v.Paused,

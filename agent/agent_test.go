@@ -156,7 +156,7 @@ func TestParticipationOverSocket(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if st.Participation.State != tt.wantState {
+			if string(st.Participation.State) != tt.wantState {
 				t.Errorf("state = %s, want %s", st.Participation.State, tt.wantState)
 			}
 			if !st.CanChange {

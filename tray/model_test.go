@@ -18,7 +18,7 @@ var (
 // status builds an agent status; the options adjust it.
 func status(state string, opts ...func(*api.Status)) *api.Status {
 	s := &api.Status{
-		Participation: api.Participation{State: state, StatementVersion: 3},
+		Participation: api.Participation{State: api.State(state), StatementVersion: 3},
 		Agent:         api.AgentInfo{Mode: "system", ExecSource: "fanotify"},
 		CanChange:     true,
 	}

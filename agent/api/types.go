@@ -27,8 +27,8 @@ type Status struct {
 
 // Participation is the consent part of the status.
 type Participation struct {
-	// State is "undecided", "participating" or "declined".
-	State string `json:"state"`
+	// State is StateUndecided, StateParticipating or StateDeclined.
+	State State `json:"state"`
 	// StatementVersion is the version of the statement this agent ships.
 	StatementVersion int `json:"statement_version"`
 	// AcceptedVersion is the statement version the person accepted (0 if none).
@@ -52,6 +52,19 @@ type Participation struct {
 	// consent record (for example a corrupt state file set aside).
 	Notice string `json:"notice,omitempty"`
 }
+
+// State is where a person stands with the Security Network.
+type State string
+
+// Participation states.
+const (
+	// StateUndecided: never asked, or never answered; nothing is collected.
+	StateUndecided State = "undecided"
+	// StateParticipating: agreed; collecting unless Paused.
+	StateParticipating State = "participating"
+	// StateDeclined: said no, or left; nothing is collected.
+	StateDeclined State = "declined"
+)
 
 // AgentInfo describes the running agent.
 type AgentInfo struct {
@@ -98,7 +111,10 @@ type UploadInfo struct {
 
 // Statement is the answer to GET /v1/statement.
 type Statement struct {
-	Version int    `json:"version"`
+	Version int `json:"version"`
+	// Lang is the language of Title, Summary and Text ("en", "de", …);
+	// every translation carries the same Version.
+	Lang    string `json:"lang,omitempty"`
 	Title   string `json:"title"`
 	Summary string `json:"summary"`
 	Text    string `json:"text"`

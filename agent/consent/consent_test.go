@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -362,4 +363,39 @@ func jsonFields(t reflect.Type, prefix string) []string {
 		out = append(out, prefix+name)
 	}
 	return out
+}
+
+// Every translation of the statement translates the current English text
+// (the version is the content's, not a language's) and names every field
+// the English names.
+func TestStatementTranslations(t *testing.T) {
+	langs := StatementLanguages()
+	if len(langs) < 3 {
+		t.Fatalf("statement languages %v, want at least en, de, ru", langs)
+	}
+	fields := regexp.MustCompile("`[a-z_.0-9]+`").FindAllString(Statement(), -1)
+	for _, lang := range langs {
+		st := StatementIn(lang)
+		if st.Lang != lang {
+			t.Errorf("StatementIn(%q) is in %q", lang, st.Lang)
+		}
+		if lang != "en" && st.Source != englishSource {
+			t.Errorf("statement.%s.md translates another statement.md (source %s); statement.md is now %s: "+
+				"update the translation, then its source line", lang, st.Source, englishSource)
+		}
+		for _, f := range fields {
+			if !strings.Contains(st.Text, f) {
+				t.Errorf("statement.%s.md does not name %s", lang, f)
+			}
+		}
+		if st.Title == "" || st.Summary == "" {
+			t.Errorf("%s: title %q, summary %q", lang, st.Title, st.Summary)
+		}
+	}
+	if got := StatementIn("de_AT").Lang; got != "de" {
+		t.Errorf("de_AT gets %s", got)
+	}
+	if got := StatementIn("fr").Lang; got != "en" {
+		t.Errorf("fr gets %s", got)
+	}
 }

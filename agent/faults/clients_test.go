@@ -181,7 +181,7 @@ func TestSlowEventReaders(t *testing.T) {
 			defer mu.Unlock()
 			seen++
 			if ev.Status != nil {
-				lastState = ev.Status.Participation.State
+				lastState = string(ev.Status.Participation.State)
 			}
 			return nil
 		})

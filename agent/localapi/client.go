@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -90,9 +91,27 @@ func (c *Client) Status(ctx context.Context) (api.Status, error) {
 
 // Statement returns the Security Network Statement the agent ships.
 func (c *Client) Statement(ctx context.Context) (api.Statement, error) {
+	return c.StatementIn(ctx, "")
+}
+
+// StatementIn returns the Security Network Statement in the language lang
+// (a BCP 47 tag such as "de"); the agent answers in English when it has no
+// translation. Every translation carries the same version.
+func (c *Client) StatementIn(ctx context.Context, lang string) (api.Statement, error) {
 	var s api.Statement
-	err := c.do(ctx, http.MethodGet, "/v1/statement", nil, &s)
+	path := "/v1/statement"
+	if lang != "" {
+		path += "?" + url.Values{"lang": {lang}}.Encode()
+	}
+	err := c.do(ctx, http.MethodGet, path, nil, &s)
 	return s, err
+}
+
+// Alerts returns the recent alerts the caller may see, newest first.
+func (c *Client) Alerts(ctx context.Context) (api.AlertList, error) {
+	var l api.AlertList
+	err := c.do(ctx, http.MethodGet, "/v1/alerts", nil, &l)
+	return l, err
 }
 
 // SetParticipation asks the agent to participate or leave, and returns the

@@ -216,11 +216,14 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) statement(w http.ResponseWriter, r *http.Request) {
+	// ?lang=de picks a translation; all carry the same version.
+	t := consent.StatementIn(r.URL.Query().Get("lang"))
 	writeJSON(w, http.StatusOK, api.Statement{
 		Version: consent.StatementVersion,
-		Title:   consent.StatementTitle,
-		Summary: consent.StatementSummary,
-		Text:    consent.Statement(),
+		Lang:    t.Lang,
+		Title:   t.Title,
+		Summary: t.Summary,
+		Text:    t.Text,
 	})
 }
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
 	"go.uber.org/goleak"
 )
@@ -212,5 +213,26 @@ func TestLimitsCountAndRelease(t *testing.T) {
 	l.release(root, true)
 	if l.open != 4 || l.openNoAccount != 2 {
 		t.Errorf("open = %d, without account %d; want 4 and 2", l.open, l.openNoAccount)
+	}
+}
+
+// The statement comes in the language asked for, with one version for all.
+func TestStatementLanguages(t *testing.T) {
+	sock, _ := serve(t, nil)
+	c := NewClient(sock)
+	defer c.Close()
+	for _, tt := range []struct{ ask, want, title string }{
+		{"", "en", "Security Network Statement"},
+		{"de", "de", "Erklärung zum Security Network"},
+		{"ru-RU", "ru", "Положение о Security Network"},
+		{"fr", "en", "Security Network Statement"},
+	} {
+		st, err := c.StatementIn(context.Background(), tt.ask)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Lang != tt.want || st.Title != tt.title || st.Version != consent.StatementVersion || st.Summary == "" {
+			t.Errorf("lang %q: got %s %q version %d", tt.ask, st.Lang, st.Title, st.Version)
+		}
 	}
 }

@@ -281,7 +281,7 @@ func participation(tb testing.TB, s *session) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return st.Participation.State
+	return string(st.Participation.State)
 }
 
 // TestDesktopSession runs the real tray against a real agent in user mode

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/cmd/cloudprotect/setup"
@@ -42,7 +43,7 @@ func TestInstallConsentPaths(t *testing.T) {
 			wantOut: "participating, recorded in"},
 		{name: "question answered yes in full", answer: "yes\n", wantState: consent.Participating},
 		{name: "question answered no", answer: "n\n", wantState: consent.Declined,
-			wantOut: "declined, recorded in"},
+			wantOut: "not participating, recorded in"},
 		{name: "empty answer is no", answer: "\n", wantState: consent.Declined},
 		{name: "--participate", args: []string{"--participate"}, wantState: consent.Participating},
 		{name: "--no-participate", args: []string{"--no-participate"}, wantState: consent.Declined},
@@ -55,7 +56,7 @@ func TestInstallConsentPaths(t *testing.T) {
 		{name: "question answered yes, agent running", answer: "y\n", agent: true, wantState: consent.Participating,
 			wantOut: "participating, recorded by the agent"},
 		{name: "--no-participate, agent running", args: []string{"--no-participate"}, agent: true,
-			wantState: consent.Declined, wantOut: "declined, recorded by the agent"},
+			wantState: consent.Declined, wantOut: "not participating, recorded by the agent"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -131,7 +132,7 @@ func TestInstallConsentPaths(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if st.Participation.State != string(tt.wantState) || st.Participation.Via != "install" {
+				if st.Participation.State != api.State(tt.wantState) || st.Participation.Via != "install" {
 					t.Errorf("agent says %+v, want %s via install", st.Participation, tt.wantState)
 				}
 			}

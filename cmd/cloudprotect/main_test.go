@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -78,6 +79,19 @@ func TestScripts(t *testing.T) {
 					}
 				}
 				ts.Fatalf("status never matched %s; last: %s", args[0], last)
+			},
+			// makesocket PATH: a unix socket at PATH with nobody answering,
+			// as a stopped `make run` leaves it.
+			"makesocket": func(ts *testscript.TestScript, neg bool, args []string) {
+				if len(args) != 1 {
+					ts.Fatalf("usage: makesocket PATH")
+				}
+				path := ts.MkAbs(args[0])
+				ts.Check(os.MkdirAll(filepath.Dir(path), 0o755))
+				l, err := net.Listen("unix", path)
+				ts.Check(err)
+				l.(*net.UnixListener).SetUnlinkOnClose(false)
+				ts.Check(l.Close())
 			},
 			// startagent [flags...]: runs the real agent in user mode with its
 			// state under $WORK and waits until it answers.

@@ -2,19 +2,26 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/i18n"
+	"github.com/cloudprotect/cloudprotect/version"
+	"github.com/cloudprotect/cloudprotect/wire/safetext"
 )
 
 func cmdStatus(ctx context.Context, r *runner, args []string) error {
 	var asJSON bool
-	if err := parseFlags("status", args, r.env, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
+	if err := r.parseFlags("status", args, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
 		return err
 	}
 	st, err := r.client.Status(ctx)
@@ -24,155 +31,287 @@ func cmdStatus(ctx context.Context, r *runner, args []string) error {
 	if asJSON {
 		return printJSON(r.env.Stdout, st)
 	}
-	printStatus(r.env.Stdout, st)
+	r.printStatus(r.env.Stdout, st)
 	return nil
 }
 
-// Headline says the state of cloud protection in one line.
-func Headline(st api.Status) string {
-	p := st.Participation
+// Headline says the state of cloud protection in one line, in the words
+// the tray uses for the same state.
+func Headline(p *i18n.Printer, st api.Status) string {
+	pa := st.Participation
 	switch {
-	case p.Locked && p.State == "participating":
-		return "Cloud protection is on (managed by your organisation)"
-	case p.Locked:
-		return "Access to the Security Network is disabled by your organisation"
-	case p.Paused:
-		return fmt.Sprintf("Cloud protection is paused: the statement changed (version %d); agree to it again to continue", p.StatementVersion)
-	case p.State == "participating":
-		return "Cloud protection is on"
-	case p.State == "declined":
-		return "Access to the Security Network is disabled"
+	case pa.Locked && pa.State == api.StateParticipating:
+		return p.Sprintf("Cloud protection is on (managed by your organisation)")
+	case pa.Locked:
+		return p.Sprintf("Cloud protection is off: your organisation manages participation")
+	case pa.State == api.StateParticipating && pa.Paused:
+		return p.Sprintf("Cloud protection is paused: the Security Network Statement changed (version %d); agree to it again to continue", pa.StatementVersion)
+	case pa.State == api.StateParticipating:
+		return p.Sprintf("Cloud protection is on")
+	case pa.State == api.StateDeclined:
+		return p.Sprintf("Cloud protection is off: you do not participate in the Security Network")
 	default:
-		return "Cloud protection is waiting for your answer: participate in the Security Network?"
+		return p.Sprintf("Cloud protection is off: waiting for your answer (participate in the Security Network?)")
 	}
 }
 
-func printStatus(w io.Writer, st api.Status) {
-	p := st.Participation
-	fmt.Fprintln(w, Headline(st))
+// stateName is a participation state in words.
+func stateName(p *i18n.Printer, s api.State) string {
+	switch s {
+	case api.StateParticipating:
+		return p.Sprintf("participating")
+	case api.StateDeclined:
+		return p.Sprintf("not participating")
+	case api.StateUndecided:
+		return p.Sprintf("not decided")
+	}
+	return string(s)
+}
+
+func viaName(p *i18n.Printer, via string) string {
+	switch consent.Via(via) {
+	case consent.ViaCLI:
+		return p.Sprintf("the command line")
+	case consent.ViaTray:
+		return p.Sprintf("the tray")
+	case consent.ViaInstall:
+		return p.Sprintf("the installation")
+	case consent.ViaPolicy:
+		return p.Sprintf("the administrator's policy")
+	}
+	return via
+}
+
+func (r *runner) printStatus(w io.Writer, st api.Status) {
+	p := r.p
+	pa := st.Participation
+	fmt.Fprintln(w, Headline(p, st))
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	state := p.State
-	if p.Via != "" && p.Since != nil {
-		state += fmt.Sprintf(" (via %s, %s)", p.Via, p.Since.Local().Format("2006-01-02 15:04"))
+	row := func(label, value string) { fmt.Fprintf(tw, "%s\t%s\n", label+":", value) }
+	state := stateName(p, pa.State)
+	if pa.Via != "" && pa.Since != nil {
+		state = p.Sprintf("%s (chosen through %s, %s)", state, viaName(p, pa.Via), pa.Since.Local().Format("2006-01-02 15:04"))
 	}
-	fmt.Fprintf(tw, "participation:\t%s\n", state)
-	fmt.Fprintf(tw, "statement:\tversion %d, accepted %d\n", p.StatementVersion, p.AcceptedVersion)
-	if p.Locked {
-		fmt.Fprintf(tw, "policy:\t%s\n", p.Policy)
+	row(p.Sprintf("participation"), state)
+	row(p.Sprintf("statement"), p.Sprintf("version %d, accepted: %d", pa.StatementVersion, pa.AcceptedVersion))
+	if pa.Locked {
+		row(p.Sprintf("policy"), pa.Policy)
 	}
-	if p.PolicyError != "" {
-		fmt.Fprintf(tw, "policy ignored:\t%s (%s)\n", p.PolicyError, p.Policy)
+	if pa.PolicyError != "" {
+		row(p.Sprintf("policy ignored"), safetext.Line(pa.PolicyError)+" ("+pa.Policy+")")
 	}
-	source := st.Agent.ExecSource
-	if source == "" {
-		source = "none (not collecting)"
+	row(p.Sprintf("protection"), protectionLine(p, st))
+	if st.Alerts > 0 {
+		row(p.Sprintf("alerts"), p.Sprintf("%d recent: see `cloudprotect alerts`", st.Alerts))
 	}
-	fmt.Fprintf(tw, "agent:\t%s mode, version %s, exec source %s\n", st.Agent.Mode, st.Agent.Version, source)
+	mode := st.Agent.Mode
+	switch mode {
+	case "system":
+		mode = p.Sprintf("system")
+	case "user":
+		mode = p.Sprintf("this user only")
+	}
+	if st.Agent.ExecSource == "" {
+		row(p.Sprintf("agent"), p.Sprintf("%s, version %s, not watching programs (nothing is collected)", mode, st.Agent.Version))
+	} else {
+		row(p.Sprintf("agent"), p.Sprintf("%s, version %s, watching with %s", mode, st.Agent.Version, st.Agent.ExecSource))
+	}
 	if st.Agent.Limited {
-		fmt.Fprintf(tw, "limited:\t%s\n", st.Agent.LimitedReason)
+		row(p.Sprintf("limited"), st.Agent.LimitedReason)
 	}
 	if st.Agent.EventsLost > 0 {
-		fmt.Fprintf(tw, "events lost:\t%d of %d\n", st.Agent.EventsLost, st.Agent.EventsSeen+st.Agent.EventsLost)
+		row(p.Sprintf("events lost"), p.Sprintf("%d of %d", st.Agent.EventsLost, st.Agent.EventsSeen+st.Agent.EventsLost))
 	}
-	fmt.Fprintf(tw, "queue:\t%d pending, %d records", st.Queue.Pending, st.Queue.Records)
+	queue := p.Sprintf("pending: %d, kept: %d", st.Queue.Pending, st.Queue.Records)
 	if st.Queue.Evicted > 0 {
-		fmt.Fprintf(tw, ", %d dropped because the queue was full", st.Queue.Evicted)
+		queue += p.Sprintf(", dropped because the queue was full: %d", st.Queue.Evicted)
 	}
-	fmt.Fprintln(tw)
+	row(p.Sprintf("queue"), queue)
 	u := st.Upload
-	fmt.Fprintf(tw, "server:\t%s\n", u.Server)
+	server := u.Server
+	if server == "" {
+		server = p.Sprintf("none configured")
+	}
+	row(p.Sprintf("server"), server)
 	if u.LastUpload != nil {
-		fmt.Fprintf(tw, "last sent:\t%s (%d records in all)\n", u.LastUpload.Local().Format("2006-01-02 15:04:05"), u.RecordsSent)
+		row(p.Sprintf("last sent"), p.Sprintf("%s (sent so far: %d)", u.LastUpload.Local().Format("2006-01-02 15:04:05"), u.RecordsSent))
 	}
 	if u.LastError != "" {
-		fmt.Fprintf(tw, "last error:\t%s\n", u.LastError)
+		row(p.Sprintf("last error"), u.LastError)
 	}
 	if u.NextAttempt != nil {
-		fmt.Fprintf(tw, "next attempt:\t%s\n", u.NextAttempt.Local().Format("2006-01-02 15:04:05"))
+		row(p.Sprintf("next attempt"), u.NextAttempt.Local().Format("2006-01-02 15:04:05"))
 	}
 	if u.DeletionPending {
-		fmt.Fprintf(tw, "deletion:\tasked of the server, waiting for its confirmation\n")
+		row(p.Sprintf("deletion"), p.Sprintf("asked of the server, waiting for its confirmation"))
 	}
 	tw.Flush()
-	if p.Notice != "" {
-		fmt.Fprintf(w, "\nnote: %s\n", p.Notice)
+	if pa.Notice != "" {
+		p.Fprintf(w, "\nnote: %s\n", pa.Notice)
 	}
 }
 
-func cmdStatement(ctx context.Context, r *runner, args []string) error {
-	if err := parseFlags("statement", args, r.env, func(*flag.FlagSet) {}); err != nil {
+// protectionLine says whether programs are blocked before they run.
+func protectionLine(p *i18n.Printer, st api.Status) string {
+	pr := st.Protection
+	var s string
+	switch {
+	case pr.Active:
+		s = p.Sprintf("blocking programs the Security Network knows to be malicious")
+	case pr.Mode == "alert":
+		s = p.Sprintf("alerts only: the policy does not allow blocking")
+	case pr.Reason != "":
+		s = p.Sprintf("not blocking: %s", pr.Reason)
+	default:
+		s = p.Sprintf("not blocking")
+	}
+	if pr.Blocked > 0 {
+		s += p.Sprintf("; blocked so far: %d", pr.Blocked)
+	}
+	if b := pr.LastBlock; b != nil {
+		s += p.Sprintf(", last %s at %s", safetext.Line(b.Path), b.Time.Local().Format("2006-01-02 15:04"))
+	}
+	return s
+}
+
+func cmdAlerts(ctx context.Context, r *runner, args []string) error {
+	var asJSON bool
+	if err := r.parseFlags("alerts", args, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
 		return err
 	}
-	s, err := r.client.Statement(ctx)
+	l, err := r.client.Alerts(ctx)
+	var ae *localapi.APIError
+	if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound {
+		return &hintError{err: r.p.Error("this agent keeps no alert history"), hint: r.p.Sprintf("update cloudprotect; until then alerts appear only as notifications")}
+	}
 	if err != nil {
 		return r.wrap(err)
 	}
-	fmt.Fprintf(r.env.Stdout, "%s\n(statement version %d)\n", strings.TrimRight(s.Text, "\n"), s.Version)
+	if asJSON {
+		return printJSON(r.env.Stdout, l)
+	}
+	if len(l.Alerts) == 0 {
+		r.p.Fprintf(r.env.Stdout, "No alerts: the Security Network reported no program on this computer as dangerous.\n")
+		return nil
+	}
+	tw := tabwriter.NewWriter(r.env.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.p.Sprintf("TIME"), r.p.Sprintf("WHAT"), r.p.Sprintf("VERDICT"), r.p.Sprintf("SHA-256"), r.p.Sprintf("PATH"))
+	for _, a := range l.Alerts {
+		when := ""
+		if !a.Time.IsZero() {
+			when = a.Time.Local().Format("2006-01-02 15:04")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s…\t%s\n", when, actionName(r.p, a.Action), verdictName(r.p, a.Verdict),
+			safetext.Line(a.SHA256[:min(16, len(a.SHA256))]), safetext.Line(a.Path))
+	}
+	return tw.Flush()
+}
+
+func actionName(p *i18n.Printer, action string) string {
+	if action == api.AlertActionBlocked {
+		return p.Sprintf("blocked")
+	}
+	return p.Sprintf("ran")
+}
+
+func verdictName(p *i18n.Printer, v string) string {
+	switch v {
+	case "malicious":
+		return p.Sprintf("malicious")
+	case "untrusted":
+		return p.Sprintf("untrusted")
+	}
+	return safetext.Line(v)
+}
+
+func cmdStatement(ctx context.Context, r *runner, args []string) error {
+	if err := r.parseFlags("statement", args, func(*flag.FlagSet) {}); err != nil {
+		return err
+	}
+	// The text is built in: the statement can be read before anything runs.
+	s := consent.StatementIn(r.p.Lang())
+	r.p.Fprintf(r.env.Stdout, "%s\n(Security Network Statement version %d)\n", strings.TrimRight(s.Text, "\n"), consent.StatementVersion)
 	return nil
 }
 
-// Question is what a person answers to participate.
-const Question = "I agree to participate in the Security Network"
-
 func cmdParticipate(ctx context.Context, r *runner, args []string) error {
 	var yes bool
-	if err := parseFlags("participate", args, r.env, func(fs *flag.FlagSet) { fs.BoolVar(&yes, "yes", false, "") }); err != nil {
+	if err := r.parseFlags("participate", args, func(fs *flag.FlagSet) { fs.BoolVar(&yes, "yes", false, "") }); err != nil {
 		return err
 	}
-	s, err := r.client.Statement(ctx)
+	s, err := r.client.StatementIn(ctx, r.p.Lang())
 	if err != nil {
 		return r.wrap(err)
 	}
 	if !yes {
 		fmt.Fprintf(r.env.Stdout, "%s\n\n", strings.TrimRight(s.Text, "\n"))
-		ok, err := r.confirm(Question, "--yes")
+		ok, err := r.confirm(r.p.Sprintf("I agree to participate in the Security Network"), "--yes")
 		if err != nil {
 			return err
 		}
 		if !ok {
-			fmt.Fprintln(r.env.Stdout, "Nothing changed: you are not participating.")
+			r.p.Fprintf(r.env.Stdout, "Nothing changed: you do not participate.\n")
 			return nil
 		}
 	}
 	st, err := r.client.SetParticipation(ctx, api.ParticipationRequest{
-		Participate: true, StatementVersion: s.Version, Via: "cli",
+		Participate: true, StatementVersion: s.Version, Via: string(consent.ViaCLI),
 	})
 	if err != nil {
 		return r.wrap(err)
 	}
-	fmt.Fprintf(r.env.Stdout, "%s. Thank you for participating in the Security Network (statement version %d).\n",
-		Headline(st), st.Participation.AcceptedVersion)
+	r.p.Fprintf(r.env.Stdout, "%s. Thank you for participating in the Security Network (statement version %d).\n",
+		Headline(r.p, st), st.Participation.AcceptedVersion)
 	return nil
 }
 
 func cmdLeave(ctx context.Context, r *runner, args []string) error {
 	var yes bool
-	if err := parseFlags("leave", args, r.env, func(fs *flag.FlagSet) { fs.BoolVar(&yes, "yes", false, "") }); err != nil {
+	if err := r.parseFlags("leave", args, func(fs *flag.FlagSet) { fs.BoolVar(&yes, "yes", false, "") }); err != nil {
 		return err
 	}
+	before, err := r.client.Status(ctx)
+	if err != nil {
+		return r.wrap(err)
+	}
+	if before.Participation.State != api.StateParticipating && !before.Participation.Locked {
+		r.p.Fprintf(r.env.Stdout, "Nothing changed: you do not participate in the Security Network.\n")
+		return nil
+	}
 	if !yes {
-		ok, err := r.confirm("Stop participating in the Security Network? Statistics not sent yet are deleted, "+
-			"and the network is asked to delete what it received", "--yes")
+		ok, err := r.confirm(r.p.Sprintf("Stop participating in the Security Network? Statistics not sent yet are deleted, "+
+			"and the Security Network is asked to delete what it received"), "--yes")
 		if err != nil {
 			return err
 		}
 		if !ok {
-			fmt.Fprintln(r.env.Stdout, "Nothing changed.")
+			r.p.Fprintf(r.env.Stdout, "Nothing changed.\n")
 			return nil
 		}
+		if before, err = r.client.Status(ctx); err != nil {
+			return r.wrap(err)
+		}
 	}
-	st, err := r.client.SetParticipation(ctx, api.ParticipationRequest{Participate: false, Via: "cli"})
+	st, err := r.client.SetParticipation(ctx, api.ParticipationRequest{Participate: false, Via: string(consent.ViaCLI)})
 	if err != nil {
 		return r.wrap(err)
 	}
-	fmt.Fprintf(r.env.Stdout, "%s. You no longer participate: pending statistics were deleted (%d pending).\n",
-		Headline(st), st.Queue.Pending)
+	fmt.Fprintf(r.env.Stdout, "%s.\n", Headline(r.p, st))
+	q := before.Queue
+	if q.Records == 0 {
+		r.p.Fprintf(r.env.Stdout, "No statistics were kept on this computer, so none had to be deleted.\n")
+	} else {
+		r.p.Fprintf(r.env.Stdout, "Deleted from this computer: %d statistics records (not sent yet: %d).\n", q.Records, q.Pending)
+	}
+	if st.Upload.DeletionPending || before.Upload.Registered {
+		r.p.Fprintf(r.env.Stdout, "The Security Network is asked to delete what it received from this computer.\n")
+	}
 	return nil
 }
 
 func cmdQueue(ctx context.Context, r *runner, args []string) error {
 	var asJSON bool
-	if err := parseFlags("queue", args, r.env, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
+	if err := r.parseFlags("queue", args, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
 		return err
 	}
 	q, err := r.client.Queue(ctx)
@@ -183,28 +322,51 @@ func cmdQueue(ctx context.Context, r *runner, args []string) error {
 		return printJSON(r.env.Stdout, q)
 	}
 	if q.Pending == 0 {
-		fmt.Fprintln(r.env.Stdout, "Nothing is waiting to be sent.")
+		r.p.Fprintf(r.env.Stdout, "Nothing is waiting to be sent.\n")
 		return nil
 	}
-	fmt.Fprintf(r.env.Stdout, "%d records pending; the next upload sends these %d (use --json for every field):\n",
+	r.p.Fprintf(r.env.Stdout, "Waiting to be sent: %d. The next upload sends these %d (--json shows every field):\n",
 		q.Pending, len(q.Batch.Records))
 	tw := tabwriter.NewWriter(r.env.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SHA-256\tRUNS\tLOADED\tLAST SEEN\tPATH")
+	fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.p.Sprintf("SHA-256"), r.p.Sprintf("RUNS"), r.p.Sprintf("LOADED"), r.p.Sprintf("LAST SEEN"), r.p.Sprintf("PATH"))
 	for _, rec := range q.Batch.Records {
-		fmt.Fprintf(tw, "%s…\t%d\t%v\t%s\t%s\n", rec.SHA256[:min(16, len(rec.SHA256))], rec.ExecCount, rec.Loaded,
-			rec.LastSeen.Local().Format(time.DateTime), rec.Path)
+		loaded := r.p.Sprintf("no")
+		if rec.Loaded {
+			loaded = r.p.Sprintf("yes")
+		}
+		fmt.Fprintf(tw, "%s…\t%s\t%s\t%s\t%s\n", rec.SHA256[:min(16, len(rec.SHA256))], r.p.Sprintf("%d", rec.ExecCount), loaded,
+			rec.LastSeen.Local().Format(time.DateTime), safetext.Line(rec.Path))
 	}
 	return tw.Flush()
 }
 
 func cmdSend(ctx context.Context, r *runner, args []string) error {
-	if err := parseFlags("send", args, r.env, func(*flag.FlagSet) {}); err != nil {
+	if err := r.parseFlags("send", args, func(*flag.FlagSet) {}); err != nil {
 		return err
 	}
 	res, err := r.client.Upload(ctx)
 	if err != nil {
 		return r.wrap(err)
 	}
-	fmt.Fprintf(r.env.Stdout, "%s (%d sent, %d still pending)\n", res.Message, res.Sent, res.Pending)
+	r.p.Fprintf(r.env.Stdout, "Sent: %d. Still waiting: %d.\n", res.Sent, res.Pending)
+	if res.Message != "" {
+		r.p.Fprintf(r.env.Stdout, "The agent says: %s\n", safetext.Line(res.Message))
+	}
+	return nil
+}
+
+func cmdVersion(ctx context.Context, r *runner, args []string) error {
+	if err := r.parseFlags("version", args, func(*flag.FlagSet) {}); err != nil {
+		return err
+	}
+	r.p.Fprintf(r.env.Stdout, "cloudprotect %s\n", version.String())
+	if r.client == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if st, err := r.client.Status(ctx); err == nil {
+		r.p.Fprintf(r.env.Stdout, "agent %s (%s)\n", st.Agent.Version, r.socket)
+	}
 	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/cmd/cloudprotect/setup"
 )
@@ -22,7 +23,7 @@ func cmdInstall(ctx context.Context, r *runner, args []string) error {
 		participate, noParticipate bool
 		noConsent, noStart         bool
 	)
-	if err := parseFlags("install", args, r.env, func(fs *flag.FlagSet) {
+	if err := r.parseFlags("install", args, func(fs *flag.FlagSet) {
 		fs.StringVar(&l.Root, "root", "/", "")
 		fs.StringVar(&l.Prefix, "prefix", setup.DefaultPrefix, "")
 		fs.StringVar(&binDir, "bin-dir", "", "")
@@ -40,18 +41,18 @@ func cmdInstall(ctx context.Context, r *runner, args []string) error {
 		}
 	}
 	if n > 1 {
-		return &usageError{"install: give at most one of --participate, --no-participate and --no-consent"}
+		return &usageError{cmd: "install", msg: r.p.Sprintf("install: give at most one of --participate, --no-participate and --no-consent")}
 	}
 	if err := l.Check(); err != nil {
-		return &usageError{"install: " + err.Error()}
+		return &usageError{cmd: "install", msg: r.p.Sprintf("install: %s", r.layoutError(err))}
 	}
-	if err := needRoot(l, "install"); err != nil {
+	if err := r.needRoot(l, "install"); err != nil {
 		return err
 	}
 	if !l.Staging() && setup.Packaged(l) {
 		return &hintError{
-			err:  errors.New("cloudprotect is installed by its Debian package here"),
-			hint: "upgrade it with apt, or remove it first (sudo apt remove cloudprotect)",
+			err:  r.p.Error("cloudprotect is installed by its Debian package here"),
+			hint: r.p.Sprintf("upgrade it with apt, or remove it first (sudo apt remove cloudprotect)"),
 		}
 	}
 	if binDir == "" {
@@ -60,12 +61,12 @@ func cmdInstall(ctx context.Context, r *runner, args []string) error {
 			exe, err = filepath.EvalSymlinks(exe)
 		}
 		if err != nil {
-			return fmt.Errorf("find the programs to install: %w", err)
+			return r.p.Wrap(err, "find the programs to install: %s", err.Error())
 		}
 		binDir = filepath.Dir(exe)
 	}
 	if err := setup.CheckPrograms(binDir); err != nil {
-		return &hintError{err: err, hint: "build them with `make build` and run bin/cloudprotect install, or say where they are with --bin-dir"}
+		return &hintError{err: r.p.Wrap(err, "%s not found in %s", strings.Join(setup.MissingPrograms(binDir), ", "), binDir), hint: r.p.Sprintf("build them with `make build` and run bin/cloudprotect install, or say where they are with --bin-dir")}
 	}
 
 	out := r.env.Stdout
@@ -81,25 +82,26 @@ func cmdInstall(ctx context.Context, r *runner, args []string) error {
 		UID:      os.Getuid(),
 	})
 	if err != nil {
-		return &hintError{err: fmt.Errorf("install: %w", err), hint: "fix the cause above and run the same command again: what is already in place is kept"}
+		return &hintError{err: r.p.Wrap(err, "install: %s", err.Error()), hint: r.p.Sprintf("fix the cause above and run the same command again: what is already in place is kept")}
 	}
 	where := l.Prefix
 	if l.Staging() {
 		where = filepath.Join(l.Root, l.Prefix)
 	}
 	if len(res.Written) == 0 {
-		fmt.Fprintf(out, "cloudprotect is already installed in %s: nothing changed.\n", where)
+		r.p.Fprintf(out, "cloudprotect is already installed in %s: nothing changed.\n", where)
 	} else {
-		fmt.Fprintf(out, "Installed cloudprotect in %s (%d files written).\n", where, len(res.Written))
+		r.p.Fprintf(out, "Installed cloudprotect in %s (%d files written).\n", where, len(res.Written))
 	}
-	fmt.Fprintln(out, res.Service.Note)
+	fmt.Fprintln(out, r.serviceNote(res.Service))
 	switch {
 	case res.Consent != nil:
-		how := "by the agent"
+		state := stateName(r.p, api.State(res.Consent.State))
 		if res.Consent.Through == setup.ThroughFile {
-			how = "in " + res.Consent.Where + " (no agent was running; it reads the record when it starts)"
+			r.p.Fprintf(out, "Participation in the Security Network: %s, recorded in %s (no agent was running; it reads the record when it starts).\n", state, res.Consent.Where)
+		} else {
+			r.p.Fprintf(out, "Participation in the Security Network: %s, recorded by the agent.\n", state)
 		}
-		fmt.Fprintf(out, "Participation in the Security Network: %s, recorded %s.\n", res.Consent.State, how)
 	case undecidedWhy != "":
 		fmt.Fprintln(out, undecidedWhy)
 	}
@@ -111,16 +113,16 @@ func cmdInstall(ctx context.Context, r *runner, args []string) error {
 // (with a sentence saying why).
 func (r *runner) installDecision(ctx context.Context, l setup.Layout, participate, noParticipate, noConsent bool) (*bool, string, error) {
 	if noConsent {
-		return nil, "Participation in the Security Network was not asked about (--no-consent): nothing is collected until someone agrees.", nil
+		return nil, r.p.Sprintf("Participation in the Security Network was not asked about (--no-consent): nothing is collected until someone agrees."), nil
 	}
 	cur, err := setup.CurrentConsent(ctx, l)
 	if err != nil {
-		return nil, "", &hintError{err: err, hint: "check the agent (cloudprotect status) and its state folder " + setup.StateDir}
+		return nil, "", &hintError{err: err, hint: r.p.Sprintf("check the agent (cloudprotect status) and its state folder %s", setup.StateDir)}
 	}
 	if cur.Locked {
-		msg := fmt.Sprintf("Participation in the Security Network is %s, set by the administrator's policy %s: not asked.", cur.State, cur.Policy)
+		msg := r.p.Sprintf("Participation in the Security Network is %s, set by the administrator's policy %s: not asked.", stateName(r.p, api.State(cur.State)), cur.Policy)
 		if participate || noParticipate {
-			msg += " The policy wins over --participate and --no-participate."
+			msg += " " + r.p.Sprintf("The policy wins over --participate and --no-participate.")
 		}
 		return nil, msg, nil
 	}
@@ -132,22 +134,24 @@ func (r *runner) installDecision(ctx context.Context, l setup.Layout, participat
 			want = consent.Participating
 		}
 		if cur.State == want && !cur.Paused {
-			return nil, fmt.Sprintf("Participation in the Security Network: already %s; unchanged.", want), nil
+			return nil, r.p.Sprintf("Participation in the Security Network: already %s; unchanged.", stateName(r.p, api.State(want))), nil
 		}
 		if participate {
 			return &yes, "", nil
 		}
 		return &no, "", nil
 	case cur.Decided():
-		return nil, fmt.Sprintf("Participation in the Security Network: already %s (via %s); not asked again. "+
-			"Change it with `cloudprotect participate` or `cloudprotect leave`.", cur.State, cur.Via), nil
+		return nil, r.p.Sprintf("Participation in the Security Network: already %s (chosen through %s); not asked again. "+
+			"Change it with `cloudprotect participate` or `cloudprotect leave`.", stateName(r.p, api.State(cur.State)), viaName(r.p, string(cur.Via))), nil
 	case r.env.IsTerminal == nil || !r.env.IsTerminal():
-		return nil, "Participation in the Security Network is not decided: there was no terminal to ask on, and neither " +
+		return nil, r.p.Sprintf("Participation in the Security Network is not decided: there was no terminal to ask on, and neither " +
 			"--participate nor --no-participate was given. Nothing is collected until someone agrees: the tray asks at " +
-			"the next login, or run `cloudprotect participate`.", nil
+			"the next login, or run `cloudprotect participate`."), nil
 	}
-	fmt.Fprintf(r.env.Stdout, "%s\n(statement version %d)\n\n", strings.TrimRight(consent.Statement(), "\n"), consent.StatementVersion)
-	ok, err := r.confirm(Question, "--participate")
+	st := consent.StatementIn(r.p.Lang())
+	r.p.Fprintf(r.env.Stdout, "%s\n(Security Network Statement version %d)\n", strings.TrimRight(st.Text, "\n"), consent.StatementVersion)
+	fmt.Fprintln(r.env.Stdout)
+	ok, err := r.confirm(r.p.Sprintf("I agree to participate in the Security Network"), "--participate")
 	if err != nil {
 		return nil, "", err
 	}
@@ -164,7 +168,7 @@ func cmdUninstall(ctx context.Context, r *runner, args []string) error {
 		l          setup.Layout
 		purge, yes bool
 	)
-	if err := parseFlags("uninstall", args, r.env, func(fs *flag.FlagSet) {
+	if err := r.parseFlags("uninstall", args, func(fs *flag.FlagSet) {
 		fs.StringVar(&l.Root, "root", "/", "")
 		fs.StringVar(&l.Prefix, "prefix", setup.DefaultPrefix, "")
 		fs.BoolVar(&purge, "purge", false, "")
@@ -173,59 +177,100 @@ func cmdUninstall(ctx context.Context, r *runner, args []string) error {
 		return err
 	}
 	if err := l.Check(); err != nil {
-		return &usageError{"uninstall: " + err.Error()}
+		return &usageError{cmd: "uninstall", msg: r.p.Sprintf("uninstall: %s", r.layoutError(err))}
 	}
-	if err := needRoot(l, "uninstall"); err != nil {
+	if err := r.needRoot(l, "uninstall"); err != nil {
 		return err
 	}
 	if !l.Staging() && setup.Packaged(l) {
 		return &hintError{
-			err:  errors.New("cloudprotect is installed by its Debian package here"),
-			hint: "remove it with sudo apt remove cloudprotect (apt purge also deletes its state)",
+			err:  r.p.Error("cloudprotect is installed by its Debian package here"),
+			hint: r.p.Sprintf("remove it with sudo apt remove cloudprotect (apt purge also deletes its state)"),
 		}
 	}
 	if purge && !yes {
-		ok, err := r.confirm("Also delete the consent record and the statistics not sent yet ("+setup.StateDir+")? "+
-			"What the Security Network already received stays there unless you ran `cloudprotect leave` first", "--yes")
+		ok, err := r.confirm(r.p.Sprintf("Also delete the consent record and the statistics not sent yet (%s)? "+
+			"What the Security Network already received stays there unless you ran `cloudprotect leave` first", setup.StateDir), "--yes")
 		if err != nil {
 			return err
 		}
 		if !ok {
-			fmt.Fprintln(r.env.Stdout, "Nothing changed.")
+			r.p.Fprintf(r.env.Stdout, "Nothing changed.\n")
 			return nil
 		}
 	}
 	res, err := setup.Uninstall(ctx, setup.UninstallOptions{Layout: l, Stop: !l.Staging(), Purge: purge})
 	if err != nil {
-		return &hintError{err: fmt.Errorf("uninstall: %w", err), hint: "fix the cause above and run the same command again"}
+		return &hintError{err: r.p.Wrap(err, "uninstall: %s", err.Error()), hint: r.p.Sprintf("fix the cause above and run the same command again")}
 	}
 	out := r.env.Stdout
 	if !l.Staging() {
-		fmt.Fprintln(out, res.Service.Note)
+		fmt.Fprintln(out, r.serviceNote(res.Service))
 	}
 	if len(res.Removed) == 0 {
-		fmt.Fprintf(out, "cloudprotect is not installed in %s: no files to remove.\n", l.Prefix)
+		r.p.Fprintf(out, "cloudprotect is not installed in %s: no files to remove.\n", l.Prefix)
 	} else {
-		fmt.Fprintf(out, "Removed cloudprotect from %s (%d files).\n", l.Prefix, len(res.Removed))
+		r.p.Fprintf(out, "Removed cloudprotect from %s (%d files).\n", l.Prefix, len(res.Removed))
 	}
 	if res.Purged {
-		fmt.Fprintf(out, "Deleted the agent's state (%s): the consent record and the statistics not sent yet.\n", setup.StateDir)
+		r.p.Fprintf(out, "Deleted the agent's state (%s): the consent record and the statistics not sent yet.\n", setup.StateDir)
 	} else {
-		fmt.Fprintf(out, "The agent's state (%s) is kept; `cloudprotect uninstall --purge` deletes it.\n", setup.StateDir)
+		r.p.Fprintf(out, "The agent's state (%s) is kept; `cloudprotect uninstall --purge` deletes it.\n", setup.StateDir)
 	}
 	if res.PolicyKept != "" {
-		fmt.Fprintf(out, "The administrator's policy %s is kept.\n", res.PolicyKept)
+		r.p.Fprintf(out, "The administrator's policy %s is kept.\n", res.PolicyKept)
 	}
 	return nil
 }
 
 // needRoot refuses to change the running system without root.
-func needRoot(l setup.Layout, name string) error {
+func (r *runner) needRoot(l setup.Layout, name string) error {
 	if l.Staging() || os.Geteuid() == 0 {
 		return nil
 	}
 	return &hintError{
-		err:  fmt.Errorf("%s changes the system and needs root", name),
-		hint: fmt.Sprintf("run it with sudo: sudo cloudprotect %s (or --root DIR to work in a staging folder)", name),
+		err:  r.p.Error("%s changes the system and needs root", name),
+		hint: r.p.Sprintf("run it with sudo: sudo cloudprotect %s (or --root DIR to work in a staging folder)", name),
 	}
+}
+
+// layoutError says what is wrong with --root or --prefix.
+func (r *runner) layoutError(err error) string {
+	var pe *setup.PrefixError
+	if errors.As(err, &pe) {
+		if pe.Prefix == "/" {
+			return r.p.Sprintf("the prefix cannot be / itself: use /usr or /usr/local")
+		}
+		return r.p.Sprintf("the prefix %q is not an absolute path", pe.Prefix)
+	}
+	return err.Error()
+}
+
+// serviceNote says what happened to the service, and what to do by hand
+// when something could not be done.
+func (r *runner) serviceNote(o setup.Outcome) string {
+	switch o.What {
+	case setup.StagedOnly:
+		return r.p.Sprintf("Installed under %s: nothing was enabled or started there.", o.Where)
+	case setup.NotStarted:
+		return r.p.Sprintf("The service was not enabled or started (--no-start); to start the agent now and at every boot: sudo systemctl enable --now %s", setup.UnitName)
+	case setup.NoSystemd:
+		return r.p.Sprintf("systemd is not running on this computer (it is not process 1), so the cloudprotectd service could not be enabled or started. "+
+			"Start the agent with your init system, or by hand as root: sudo %s &", o.Where)
+	case setup.Restarted:
+		return r.p.Sprintf("The cloudprotectd service was restarted to run the new version; it starts at every boot.")
+	case setup.AlreadyRunning:
+		return r.p.Sprintf("The cloudprotectd service is enabled and running.")
+	case setup.Started:
+		return r.p.Sprintf("The cloudprotectd service is enabled and started; it starts at every boot.")
+	case setup.NothingStopped:
+		return r.p.Sprintf("Nothing was stopped.")
+	case setup.NoSystemdStop:
+		return r.p.Sprintf("systemd is not running on this computer, so no service was stopped or disabled; if cloudprotectd still runs, stop it (for example: sudo pkill -x cloudprotectd).")
+	case setup.NotInstalled:
+		return r.p.Sprintf("The cloudprotectd service was not installed in %s.", o.Where)
+	case setup.Stopped:
+		return r.p.Sprintf("The cloudprotectd service was stopped and disabled.")
+	}
+	return ""
 }

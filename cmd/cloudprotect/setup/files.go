@@ -80,11 +80,11 @@ func (l *Layout) Check() error {
 	}
 	l.Root = filepath.Clean(l.Root)
 	if !path.IsAbs(l.Prefix) {
-		return fmt.Errorf("the prefix %q is not an absolute path", l.Prefix)
+		return &PrefixError{Prefix: l.Prefix}
 	}
 	l.Prefix = path.Clean(l.Prefix)
 	if l.Prefix == "/" {
-		return errors.New("the prefix cannot be / itself: use /usr or /usr/local")
+		return &PrefixError{Prefix: l.Prefix}
 	}
 	return nil
 }
@@ -279,6 +279,14 @@ func Gzip(b []byte) ([]byte, error) {
 
 // CheckPrograms reports the programs missing from binDir.
 func CheckPrograms(binDir string) error {
+	if missing := MissingPrograms(binDir); len(missing) > 0 {
+		return fmt.Errorf("%s not found in %s", strings.Join(missing, ", "), binDir)
+	}
+	return nil
+}
+
+// MissingPrograms lists the programs that are not in binDir.
+func MissingPrograms(binDir string) []string {
 	var missing []string
 	for _, name := range Programs {
 		fi, err := os.Stat(filepath.Join(binDir, name))
@@ -286,8 +294,15 @@ func CheckPrograms(binDir string) error {
 			missing = append(missing, name)
 		}
 	}
-	if len(missing) > 0 {
-		return fmt.Errorf("%s not found in %s", strings.Join(missing, ", "), binDir)
+	return missing
+}
+
+// PrefixError is a prefix that cannot be installed to: not absolute, or /.
+type PrefixError struct{ Prefix string }
+
+func (e *PrefixError) Error() string {
+	if e.Prefix == "/" {
+		return "the prefix cannot be / itself: use /usr or /usr/local"
 	}
-	return nil
+	return fmt.Sprintf("the prefix %q is not an absolute path", e.Prefix)
 }

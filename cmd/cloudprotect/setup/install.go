@@ -54,10 +54,28 @@ func (s Systemd) run(ctx context.Context, args ...string) error {
 type Outcome struct {
 	// Running is true when the service was left enabled and running.
 	Running bool
-	// Note says what was done, or what could not be done and how to do it
-	// by hand.
-	Note string
+	// What was done, or what could not be done; the command line says it
+	// in the person's language, with Where (a folder or a program) in it.
+	What  ServiceNote
+	Where string
 }
+
+// ServiceNote is what happened to the service.
+type ServiceNote int
+
+// What install and uninstall did with the service.
+const (
+	StagedOnly     ServiceNote = iota + 1 // installed under a staging root (Where); nothing enabled
+	NotStarted                            // --no-start
+	NoSystemd                             // systemd does not run here; Where is the agent to start by hand
+	Restarted                             // restarted to run the new version
+	AlreadyRunning                        // enabled and running already
+	Started                               // enabled and started
+	NothingStopped                        // uninstall without stopping
+	NoSystemdStop                         // systemd does not run here: nothing stopped
+	NotInstalled                          // no unit in Where
+	Stopped                               // stopped and disabled
+)
 
 // InstallOptions configure Install.
 type InstallOptions struct {
@@ -181,12 +199,11 @@ func startService(ctx context.Context, o InstallOptions, written []string) (Outc
 	daemon := path.Join(l.BinDir(), "cloudprotectd")
 	switch {
 	case !o.Start && l.Staging():
-		return Outcome{Note: fmt.Sprintf("Installed under %s: nothing was enabled or started there.", l.Root)}, nil
+		return Outcome{What: StagedOnly, Where: l.Root}, nil
 	case !o.Start:
-		return Outcome{Note: "The service was not enabled or started (--no-start); to start the agent now and at every boot: sudo systemctl enable --now " + UnitName}, nil
+		return Outcome{What: NotStarted}, nil
 	case !o.Systemd.Running():
-		return Outcome{Note: "systemd is not running on this computer (it is not process 1), so the cloudprotectd service could not be enabled or started. " +
-			"Start the agent with your init system, or by hand as root: sudo " + daemon + " &"}, nil
+		return Outcome{What: NoSystemd, Where: daemon}, nil
 	}
 	// Whether it ran before decides whether new files need a restart.
 	wasActive := o.Systemd.run(ctx, "is-active", "--quiet", UnitName) == nil
@@ -209,11 +226,11 @@ func startService(ctx context.Context, o InstallOptions, written []string) (Outc
 	}
 	switch {
 	case restarted:
-		return Outcome{Running: true, Note: "The cloudprotectd service was restarted to run the new version; it starts at every boot."}, nil
+		return Outcome{Running: true, What: Restarted}, nil
 	case wasActive:
-		return Outcome{Running: true, Note: "The cloudprotectd service is enabled and running."}, nil
+		return Outcome{Running: true, What: AlreadyRunning}, nil
 	}
-	return Outcome{Running: true, Note: "The cloudprotectd service is enabled and started; it starts at every boot."}, nil
+	return Outcome{Running: true, What: Started}, nil
 }
 
 // waitAgent waits until the agent of layout l answers, at most wait.
@@ -270,17 +287,16 @@ func Uninstall(ctx context.Context, o UninstallOptions) (UninstallResult, error)
 	_, unitErr := os.Stat(l.OnDisk(l.UnitPath()))
 	switch {
 	case !o.Stop:
-		res.Service.Note = "Nothing was stopped."
+		res.Service.What = NothingStopped
 	case !o.Systemd.Running():
-		res.Service.Note = "systemd is not running on this computer, so no service was stopped or disabled; " +
-			"if cloudprotectd still runs, stop it (for example: sudo pkill -x cloudprotectd)."
+		res.Service.What = NoSystemdStop
 	case unitErr != nil:
-		res.Service.Note = "The cloudprotectd service was not installed in " + l.UnitDir() + "."
+		res.Service.What, res.Service.Where = NotInstalled, l.UnitDir()
 	default:
 		if err := o.Systemd.run(ctx, "disable", "--now", UnitName); err != nil {
 			return res, fmt.Errorf("stop the service: %w", err)
 		}
-		res.Service.Note = "The cloudprotectd service was stopped and disabled."
+		res.Service.What = Stopped
 	}
 	res.Removed, err = Remove(l, files)
 	if err != nil {

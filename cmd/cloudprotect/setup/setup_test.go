@@ -355,20 +355,20 @@ func TestServiceStart(t *testing.T) {
 		changeAgent bool // a new cloudprotectd replaces the installed one
 		wantCalls   []string
 		wantRunning bool
-		wantNote    string
+		wantNote    ServiceNote
 	}{
 		{name: "no systemd: completes and says what it could not start", noSystemd: true, start: true,
-			wantNote: "systemd is not running on this computer (it is not process 1), so the cloudprotectd service could not be enabled or started"},
-		{name: "not asked to start", start: false, wantNote: "nothing was enabled or started"},
+			wantNote: NoSystemd},
+		{name: "not asked to start", start: false, wantNote: StagedOnly},
 		{name: "first install", start: true,
 			wantCalls:   []string{"is-active --quiet " + UnitName, "daemon-reload", "enable --now " + UnitName},
-			wantRunning: true, wantNote: "enabled and started"},
+			wantRunning: true, wantNote: Started},
 		{name: "second run", start: true, active: true, installed: true,
 			wantCalls:   []string{"is-active --quiet " + UnitName, "enable --now " + UnitName},
-			wantRunning: true, wantNote: "enabled and running"},
+			wantRunning: true, wantNote: AlreadyRunning},
 		{name: "upgrade restarts the running agent", start: true, active: true, installed: true, changeAgent: true,
 			wantCalls:   []string{"is-active --quiet " + UnitName, "daemon-reload", "enable --now " + UnitName, "restart " + UnitName},
-			wantRunning: true, wantNote: "restarted"},
+			wantRunning: true, wantNote: Restarted},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -398,8 +398,8 @@ func TestServiceStart(t *testing.T) {
 			if !slices.Equal(sd.calls, tt.wantCalls) {
 				t.Errorf("systemctl calls %q, want %q", sd.calls, tt.wantCalls)
 			}
-			if res.Service.Running != tt.wantRunning || !strings.Contains(res.Service.Note, tt.wantNote) {
-				t.Errorf("service %+v, want running %v and a note with %q", res.Service, tt.wantRunning, tt.wantNote)
+			if res.Service.Running != tt.wantRunning || res.Service.What != tt.wantNote {
+				t.Errorf("service %+v, want running %v and note %d", res.Service, tt.wantRunning, tt.wantNote)
 			}
 		})
 	}
@@ -550,7 +550,7 @@ func TestUninstallWithoutSystemd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(res.Service.Note, "systemd is not running") {
-		t.Errorf("note %q", res.Service.Note)
+	if res.Service.What != NoSystemdStop {
+		t.Errorf("service %+v, want NoSystemdStop", res.Service)
 	}
 }
