@@ -62,7 +62,12 @@ type Config struct {
 	LoadDirs []string
 	// StatementVersion overrides the shipped statement version (tests).
 	StatementVersion int
-	Logger           *slog.Logger
+	// NoBlocking keeps the agent from checking programs before they run,
+	// whatever the policy says. Tests that run the agent inside their own
+	// process set it: a permission group must live in a process that a
+	// watchdog can kill (see docs/SECURITY.md).
+	NoBlocking bool
+	Logger     *slog.Logger
 }
 
 // DefaultConfig returns the configuration for mode: system paths for
@@ -99,6 +104,7 @@ type Agent struct {
 	rep    *reputation.Checker
 	ident  *identify.Identifier
 	anon   *identify.Anonymizer
+	prot   *protection
 	gate   gate
 	// dirty wakes the status publisher; one slot, never blocks.
 	dirty chan struct{}
@@ -184,6 +190,9 @@ func New(cfg Config) (*Agent, error) {
 			Logger:  cfg.Logger,
 		})
 	}
+	if err == nil {
+		a.prot, err = a.newProtection()
+	}
 	if err != nil {
 		q.Close()
 		ln.Close()
@@ -218,6 +227,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		service{"collect", a.collect},
 		service{"upload", a.upload.Serve},
 		service{"reputation", a.rep.Serve},
+		service{"protect", a.protect},
 	)
 	a.log.Info("agent stopped")
 	if errors.Is(err, context.Canceled) {
@@ -294,6 +304,14 @@ func (a *Agent) onConsentChange() {
 // alert publishes a reputation alert on the event stream.
 func (a *Agent) alert(al api.Alert) {
 	a.log.Warn("reputation alert", "program", al.Program, "path", al.Path, "verdict", al.Verdict, "sha256", al.SHA256)
+	if al.Action == "" {
+		al.Action = api.AlertActionAlerted
+	}
+	if al.Action == api.AlertActionAlerted && al.Verdict == wire.VerdictMalicious {
+		// Its file may carry an ignore mark from before the verdict: the
+		// next execution must be decided again, and denied.
+		a.prot.guard.Invalidate()
+	}
 	a.hub.Publish(api.Event{Type: api.EventAlert, Time: time.Now().UTC(), Alert: &al})
 }
 
@@ -340,7 +358,8 @@ func (a *Agent) Status() api.Status {
 			Mode:    a.cfg.Mode,
 			Started: a.started,
 		},
-		Upload: a.upload.Status(),
+		Upload:     a.upload.Status(),
+		Protection: a.protectionInfo(v),
 	}
 	if !v.Since.IsZero() {
 		since := v.Since

@@ -93,6 +93,8 @@ func startAgentWith(t *testing.T, mode string, policy string, edit func(*Config)
 		Socket:     filepath.Join(dir, "run", "cloudprotectd.sock"),
 		PolicyPath: filepath.Join(dir, "policy.json"),
 		Server:     "http://127.0.0.1:1",
+		// Never a permission group in the test process itself.
+		NoBlocking: true,
 	}
 	if edit != nil {
 		edit(&cfg)

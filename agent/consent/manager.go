@@ -41,6 +41,10 @@ type View struct {
 	// EnrollSecretFile is the policy's file holding the enrollment secret
 	// of a private Security Network, if it names one.
 	EnrollSecretFile string
+	// Protection is the policy's "block" (the default) or "alert", and
+	// FirstSightTimeout how long an unfamiliar program may be held.
+	Protection        string
+	FirstSightTimeout time.Duration
 }
 
 // AdminGroupName returns the group allowed to change participation: the
@@ -156,15 +160,20 @@ func (m *Manager) View() View {
 
 func (m *Manager) viewLocked() View {
 	v := View{
-		State:            m.rec.State,
-		StatementVersion: m.current,
-		AcceptedVersion:  m.rec.AcceptedVersion,
-		Via:              m.rec.Via,
-		Since:            m.rec.Time,
-		Notice:           m.notice,
-		Server:           m.policy.Server,
-		AdminGroup:       m.policy.AdminGroup,
-		EnrollSecretFile: m.policy.EnrollSecretFile,
+		State:             m.rec.State,
+		StatementVersion:  m.current,
+		AcceptedVersion:   m.rec.AcceptedVersion,
+		Via:               m.rec.Via,
+		Since:             m.rec.Time,
+		Notice:            m.notice,
+		Server:            m.policy.Server,
+		AdminGroup:        m.policy.AdminGroup,
+		EnrollSecretFile:  m.policy.EnrollSecretFile,
+		Protection:        m.policy.Protection,
+		FirstSightTimeout: m.policy.FirstSightTimeout(),
+	}
+	if v.Protection == "" {
+		v.Protection = ProtectionBlock
 	}
 	if m.policyErr != nil {
 		v.PolicyError = m.policyErr.Error()

@@ -136,6 +136,21 @@ func (c *Client) Upload(ctx context.Context) (api.UploadResult, error) {
 	return r, err
 }
 
+// Exceptions lists the local exceptions (administrators only).
+func (c *Client) Exceptions(ctx context.Context) (api.ExceptionList, error) {
+	var l api.ExceptionList
+	err := c.do(ctx, http.MethodGet, "/v1/exceptions", nil, &l)
+	return l, err
+}
+
+// SetException adds or removes a local exception (administrators only)
+// and returns the list after the change.
+func (c *Client) SetException(ctx context.Context, req api.ExceptionRequest) (api.ExceptionList, error) {
+	var l api.ExceptionList
+	err := c.do(ctx, http.MethodPut, "/v1/exceptions", req, &l)
+	return l, err
+}
+
 // Events follows GET /v1/events and calls fn for each event until the
 // stream ends, ctx is cancelled or fn returns an error. The first event is
 // the current status. It returns an error wrapping ErrUnreachable when the

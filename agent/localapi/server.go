@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
@@ -34,6 +35,12 @@ type Backend interface {
 	Upload(ctx context.Context, force bool) (api.UploadResult, error)
 	// Events returns the hub status and alert events are published on.
 	Events() *Hub
+	// Exceptions lists the local exceptions (programs allowed whatever
+	// the Security Network says).
+	Exceptions() (api.ExceptionList, error)
+	// SetException adds or removes an exception on behalf of uid and
+	// returns the list after the change.
+	SetException(req api.ExceptionRequest, uid int) (api.ExceptionList, error)
 }
 
 // HTTPError is an error a Backend returns to choose the answer's status
@@ -148,14 +155,15 @@ func (s *Server) Handler() http.Handler {
 		"/v1/queue":         {http.MethodGet, s.queue},
 		"/v1/upload":        {http.MethodPost, s.upload},
 		"/v1/events":        {http.MethodGet, s.events},
+		"/v1/exceptions":    {http.MethodGet + ", " + http.MethodPut, s.exceptions},
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rt, ok := routes[r.URL.Path]
 		switch {
 		case !ok:
 			writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s", r.URL.Path),
-				"the API has GET /v1/status, /v1/statement, /v1/queue, /v1/events, PUT /v1/participation and POST /v1/upload")
-		case r.Method != rt.method && !(rt.method == http.MethodGet && r.Method == http.MethodHead):
+				"the API has GET /v1/status, /v1/statement, /v1/queue, /v1/events, PUT /v1/participation, POST /v1/upload and GET or PUT /v1/exceptions")
+		case !takes(rt.method, r.Method):
 			w.Header().Set("Allow", rt.method)
 			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s does not take %s", r.URL.Path, r.Method),
 				fmt.Sprintf("use %s %s", rt.method, r.URL.Path))
@@ -163,6 +171,17 @@ func (s *Server) Handler() http.Handler {
 			rt.handle(w, r)
 		}
 	})
+}
+
+// takes reports whether a route for methods (one, or several separated by
+// ", ") takes method; HEAD goes with GET.
+func takes(methods, method string) bool {
+	for _, m := range strings.Split(methods, ", ") {
+		if m == method || (m == http.MethodGet && method == http.MethodHead) {
+			return true
+		}
+	}
+	return false
 }
 
 // Serve answers requests until ctx is cancelled, then closes the socket,
@@ -283,6 +302,35 @@ func (s *Server) queue(w http.ResponseWriter, r *http.Request) {
 	if err := streamJSON(w, s.writeTimeout, q); err != nil {
 		s.log.Debug("queue answer not delivered", "err", err)
 	}
+}
+
+// exceptions lists (GET) or changes (PUT) the local exceptions; both are
+// for root and the administrators only, since the list says which
+// programs run on this computer despite the Security Network.
+func (s *Server) exceptions(w http.ResponseWriter, r *http.Request) {
+	c, ok := s.caller(r)
+	if !ok || !s.privileged(c) {
+		writeError(w, http.StatusForbidden, "only administrators may see or change the exceptions",
+			"run the command as root (sudo) or as a member of the administrators' group")
+		return
+	}
+	var list api.ExceptionList
+	var err error
+	if r.Method == http.MethodPut {
+		var req api.ExceptionRequest
+		if !decodeBody(w, r, &req) {
+			return
+		}
+		s.log.Info("exception change", "uid", c.UID, "sha256", req.SHA256, "remove", req.Remove)
+		list, err = s.backend.SetException(req, int(c.UID))
+	} else {
+		list, err = s.backend.Exceptions()
+	}
+	if err != nil {
+		writeBackendError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, list)
 }
 
 // upload sends now. A privileged caller's request ignores the backoff

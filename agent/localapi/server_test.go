@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -69,6 +70,14 @@ func (b *fakeBackend) Upload(_ context.Context, force bool) (api.UploadResult, e
 }
 
 func (b *fakeBackend) Events() *Hub { return b.hub }
+
+func (b *fakeBackend) Exceptions() (api.ExceptionList, error) {
+	return api.ExceptionList{Exceptions: []api.Exception{{SHA256: "ab", Reason: "listed"}}}, nil
+}
+
+func (b *fakeBackend) SetException(req api.ExceptionRequest, uid int) (api.ExceptionList, error) {
+	return api.ExceptionList{Exceptions: []api.Exception{{SHA256: req.SHA256, Reason: req.Reason, UID: uid}}}, nil
+}
 
 func (b *fakeBackend) nCalls() int {
 	b.mu.Lock()
@@ -234,5 +243,42 @@ func TestStatementLanguages(t *testing.T) {
 		if st.Lang != tt.want || st.Title != tt.title || st.Version != consent.StatementVersion || st.Summary == "" {
 			t.Errorf("lang %q: got %s %q version %d", tt.ask, st.Lang, st.Title, st.Version)
 		}
+	}
+}
+
+// The exceptions are read and changed by administrators only; other
+// methods are refused with the ones the endpoint takes.
+func TestExceptionsForAdministratorsOnly(t *testing.T) {
+	admin := true
+	sock, _ := serve(t, func(s *Server) { s.privileged = func(Cred) bool { return admin } })
+	c := NewClient(sock)
+	defer c.Close()
+	ctx := context.Background()
+	l, err := c.SetException(ctx, api.ExceptionRequest{SHA256: "cd", Reason: "tool"})
+	if err != nil || len(l.Exceptions) != 1 || l.Exceptions[0].SHA256 != "cd" || l.Exceptions[0].UID != os.Getuid() {
+		t.Fatalf("admin PUT: %+v %v", l, err)
+	}
+	if l, err := c.Exceptions(ctx); err != nil || len(l.Exceptions) != 1 {
+		t.Fatalf("admin GET: %+v %v", l, err)
+	}
+	admin = false
+	var ae *APIError
+	if _, err := c.Exceptions(ctx); !errors.As(err, &ae) || ae.StatusCode != http.StatusForbidden || ae.Hint == "" {
+		t.Errorf("GET by a non-admin: %v", err)
+	}
+	if _, err := c.SetException(ctx, api.ExceptionRequest{SHA256: "cd", Reason: "x"}); !errors.As(err, &ae) || ae.StatusCode != http.StatusForbidden {
+		t.Errorf("PUT by a non-admin: %v", err)
+	}
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
+	}}}
+	defer hc.CloseIdleConnections()
+	resp, err := hc.Post("http://agent/v1/exceptions", "application/json", strings.NewReader("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusMethodNotAllowed || resp.Header.Get("Allow") != "GET, PUT" {
+		t.Errorf("POST: %s, Allow %q", resp.Status, resp.Header.Get("Allow"))
 	}
 }

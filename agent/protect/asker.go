@@ -147,7 +147,7 @@ func (a *asker) lookup(ctx context.Context, batch []string) {
 	g := a.g
 	// The executions' own timers allow them at their deadline; the lookup
 	// may go on a little longer, so a late answer is still cached.
-	lctx, cancel := context.WithTimeout(ctx, 2*g.opts.FirstSight)
+	lctx, cancel := context.WithTimeout(ctx, 2*g.deadline())
 	reps, err := g.opts.Reputation.Ask(lctx, batch)
 	cancel()
 	verdicts := make(map[string]string, len(reps))

@@ -32,7 +32,7 @@ type event struct {
 func (g *Guard) newEvent(fd, pid int, now time.Time) *event {
 	e := &event{fd: fd, pid: pid, read: now}
 	e.mu.Lock()
-	e.timer = time.AfterFunc(g.opts.FirstSight, func() { g.expire(e) })
+	e.timer = time.AfterFunc(g.deadline(), func() { g.expire(e) })
 	e.mu.Unlock()
 	g.liveMu.Lock()
 	g.live[e] = struct{}{}

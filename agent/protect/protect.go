@@ -141,6 +141,8 @@ type Guard struct {
 	circ    circuit
 	active  atomic.Bool
 	serving atomic.Bool
+	// firstSight is how long an execution may be held, in nanoseconds.
+	firstSight atomic.Int64
 
 	// respMu protects fd against use after close: answers and marks hold
 	// it for reading and check closed; the end of Serve takes it for
@@ -205,9 +207,24 @@ func New(opts Options) (*Guard, error) {
 	if err := unix.Stat("/proc/self/exe", &st); err == nil {
 		g.selfExe = fileID{dev: st.Dev, ino: st.Ino}
 	}
+	g.firstSight.Store(int64(opts.FirstSight))
 	g.ask.init(g)
 	return g, nil
 }
+
+// SetFirstSight changes how long executions may be held (the policy's
+// first_sight_timeout_ms); it applies to executions read from now on.
+func (g *Guard) SetFirstSight(d time.Duration) {
+	if d <= 0 {
+		d = DefaultFirstSight
+	}
+	g.firstSight.Store(int64(d))
+	g.circ.mu.Lock()
+	g.circ.probeFor = 2 * d
+	g.circ.mu.Unlock()
+}
+
+func (g *Guard) deadline() time.Duration { return time.Duration(g.firstSight.Load()) }
 
 // Stats returns the counters.
 func (g *Guard) Stats() Stats {
@@ -312,7 +329,7 @@ func (g *Guard) Serve(ctx context.Context) error {
 
 	g.active.Store(true)
 	defer g.active.Store(false)
-	g.log.Info("blocking at exec active", "filesystems", m.count(), "first_sight", g.opts.FirstSight)
+	g.log.Info("blocking at exec active", "filesystems", m.count(), "first_sight", g.deadline())
 	return g.read(ctx, w, m, work)
 }
 

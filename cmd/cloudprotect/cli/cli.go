@@ -116,6 +116,18 @@ var commands = []command{
 			"  --json   print every field as JSON\n", cmdQueue},
 	{"send", "send", "send pending statistics now",
 		"Sends the statistics waiting to be sent now, instead of at the next regular upload.\n", cmdSend},
+	{"blocked", "blocked [--json]", "list the programs that were blocked",
+		"Lists the programs stopped before they ran because the Security Network knows them to be malicious, newest first: " +
+			"when, the path, the SHA-256 (which `cloudprotect allow` takes) and where the verdict came from.\n\n" +
+			"  --json   print them as JSON, for programs\n", cmdBlocked},
+	{"allow", "allow SHA256 --reason TEXT | allow --remove SHA256 | allow --list [--json]",
+		"let a program run whatever the Security Network says (administrators)",
+		"Makes an exception on this computer: the program with this SHA-256 runs even when the Security Network knows it " +
+			"to be malicious. It applies at once. Only root and the administrators' group may do it.\n\n" +
+			"  --reason TEXT     why it may run; kept with the exception\n" +
+			"  --remove SHA256   remove the exception: the Security Network's verdict applies again\n" +
+			"  --list            list the exceptions\n" +
+			"  --json            with --list, print them as JSON\n", cmdAllow},
 	{"install", "install [--participate | --no-participate | --no-consent] [--no-start] [--root DIR] [--prefix DIR] [--bin-dir DIR]",
 		"install cloudprotect (root); asks whether to participate",
 		"Installs the programs, the system service, the tray's autostart entry, icons and manual pages, starts the service, " +
