@@ -227,6 +227,10 @@ func (s *Server) isPrivileged(r *http.Request) bool {
 
 func (s *Server) statusFor(r *http.Request, st api.Status) api.Status {
 	st.CanChange = s.isPrivileged(r)
+	if !st.CanChange {
+		// Which program was blocked, and where, is an alert's detail.
+		st.Protection.LastBlock = nil
+	}
 	return st
 }
 
