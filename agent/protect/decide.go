@@ -95,13 +95,13 @@ func (g *Guard) verdict(s *subject, v string) {
 	g.allow(s, true)
 }
 
-// allow lets s run and, if mark, sets an ignore mark on its file so its
-// next executions raise no event, then releases it.
+// allow lets s run and releases it. With mark, its file first gets an
+// ignore mark, so the executions that follow this one raise no event.
 func (g *Guard) allow(s *subject, mark bool) {
-	g.answer(s.e, true)
 	if mark {
 		g.markGood(s)
 	}
+	g.answer(s.e, true)
 	g.release(s.e)
 }
 
