@@ -8,7 +8,7 @@ COMMANDS := cloudprotectd cloudprotect cloudprotect-tray cloudprotect-server
 PREFIX   ?= /usr/local
 FUZZTIME ?= 10s
 
-.PHONY: all build test bench lint run install fuzz icons clean faults soak
+.PHONY: all build test bench lint run install fuzz icons clean faults soak console-shots
 
 all: build
 
@@ -76,6 +76,11 @@ fuzz:
 # librsvg2-bin); the results are committed, so a build needs no rasterizer.
 icons:
 	$(GO) run ./icons/internal/gen -dir icons -sheet docs/img/tray-icons.png
+
+# Screenshots of the analysts' console, taken by its browser test in
+# headless Chromium (Debian package chromium), into docs/img.
+console-shots:
+	CLOUDPROTECT_CONSOLE_SHOTS=$(CURDIR)/docs/img $(GO) test -count=1 -run '^TestConsoleInABrowser$$' ./server/console/
 
 clean:
 	rm -rf $(BIN) .run

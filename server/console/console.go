@@ -77,7 +77,6 @@ type Console struct {
 	byAddr   *limit.Limiter // sign-in attempts per address
 	byName   *limit.Limiter // failed sign-ins per account
 	kdf      chan struct{}  // bounds password hashes computed at once
-	dummy    string         // a hash to verify against for unknown names
 	maxBytes int64
 }
 
@@ -118,10 +117,6 @@ func New(cfg Config) (*Console, error) {
 	}
 	if c.maxBytes <= 0 {
 		c.maxBytes = 256 << 20
-	}
-	var err error
-	if c.dummy, err = HashPassword("not the password of anyone"); err != nil {
-		return nil, fmt.Errorf("create console: %w", err)
 	}
 	for _, p := range []string{"signin", "overview", "search", "file", "import", "worklist", "error"} {
 		t, err := template.New("layout.html").Funcs(funcs).ParseFS(assets, "templates/layout.html", "templates/"+p+".html")
@@ -356,7 +351,7 @@ func (c *Console) handleSignIn(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !known {
-		hash = c.dummy // the same work, so timing does not tell which names exist
+		hash = dummyHash() // the same work, so timing does not tell which names exist
 	}
 	select {
 	case c.kdf <- struct{}{}:
@@ -674,7 +669,12 @@ func validFeedName(name string) bool {
 
 type worklistData struct {
 	Days, Max int
-	Files     []store.RareFile
+	Files     []rareRow
+}
+
+type rareRow struct {
+	store.RareFile
+	Verdict wire.Reputation
 }
 
 func (c *Console) handleWorklist(w http.ResponseWriter, r *http.Request, s *session) {
@@ -692,6 +692,18 @@ func (c *Console) handleWorklist(w http.ResponseWriter, r *http.Request, s *sess
 		c.storeError(w, r, s, err)
 		return
 	}
-	d.Files = files
+	hashes := make([]string, len(files))
+	for i, f := range files {
+		hashes[i] = f.SHA256
+	}
+	now := c.now()
+	infos, err := c.cfg.Store.Lookup(ctx, hashes, c.cfg.Rules.Trust(now))
+	if err != nil {
+		c.storeError(w, r, s, err)
+		return
+	}
+	for i, f := range files {
+		d.Files = append(d.Files, rareRow{RareFile: f, Verdict: c.cfg.Rules.Decide(infos[i], now)})
+	}
 	c.render(w, r, http.StatusOK, "worklist", c.base(s, "Work list", "worklist", d))
 }

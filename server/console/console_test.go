@@ -61,13 +61,43 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-var hashedPassword = sync.OnceValue(func() string {
+// hashedPassword is the test analyst's password hash, with argon2id
+// parameters that keep tests fast (TestPasswordHash checks the real ones).
+var hashedPassword = sync.OnceValue(func() string { return console.HashPasswordCheap(password) })
+
+func TestPasswordHash(t *testing.T) {
+	t.Parallel()
 	h, err := console.HashPassword(password)
 	if err != nil {
-		panic(err)
+		t.Fatal(err)
 	}
-	return h
-})
+	if !strings.HasPrefix(h, "$argon2id$v=19$m=65536,t=3,p=2$") {
+		t.Fatalf("hash %q; want argon2id with 64 MiB and 3 passes", h)
+	}
+	if h2, _ := console.HashPassword(password); h2 == h {
+		t.Fatal("two hashes of one password are equal: no salt")
+	}
+	for _, tc := range []struct {
+		hash, pw string
+		ok       bool
+		err      bool
+	}{
+		{h, password, true, false},
+		{h, password + " ", false, false},
+		{h[:len(h)-4], password, false, false},
+		{"$argon2id$v=19$m=65536,t=3,p=2$c2FsdHNhbHQ", password, false, true},
+		{"$2a$10$abcdefghijklmnopqrstuv", password, false, true},
+		{"$argon2id$v=19$m=99999999,t=3,p=2$c2FsdHNhbHQ$a2V5a2V5a2V5a2V5a2V5a2V5", password, false, true},
+	} {
+		ok, err := console.VerifyPassword(tc.hash, tc.pw)
+		if ok != tc.ok || (err != nil) != tc.err {
+			t.Errorf("VerifyPassword(%q) = %v, %v; want %v, error %v", tc.hash, ok, err, tc.ok, tc.err)
+		}
+	}
+	if _, err := console.HashPassword("short"); err == nil {
+		t.Error("a 5-character password was hashed")
+	}
+}
 
 func newSite(t *testing.T, b storetest.Backend) *site {
 	t.Helper()

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"unicode/utf8"
 
 	"golang.org/x/crypto/argon2"
@@ -49,13 +50,23 @@ func HashPassword(pw string) (string, error) {
 	if err := CheckPassword(pw); err != nil {
 		return "", err
 	}
+	return hashPassword(pw, argonTime, argonMemory, argonThreads), nil
+}
+
+func hashPassword(pw string, time, memory uint32, threads uint8) string {
 	salt := make([]byte, saltLen)
 	rand.Read(salt) // never fails
-	key := argon2.IDKey([]byte(pw), salt, argonTime, argonMemory, argonThreads, argonKeyLen)
+	key := argon2.IDKey([]byte(pw), salt, time, memory, threads, argonKeyLen)
 	enc := base64.RawStdEncoding
-	return fmt.Sprintf("$argon2id$v=%d$m=%d,t=%d,p=%d$%s$%s", argon2.Version, argonMemory, argonTime, argonThreads,
-		enc.EncodeToString(salt), enc.EncodeToString(key)), nil
+	return fmt.Sprintf("$argon2id$v=%d$m=%d,t=%d,p=%d$%s$%s", argon2.Version, memory, time, threads,
+		enc.EncodeToString(salt), enc.EncodeToString(key))
 }
+
+// dummyHash is verified against when a name is unknown, so that the
+// answer takes as long as for a known one.
+var dummyHash = sync.OnceValue(func() string {
+	return hashPassword("not the password of anyone", argonTime, argonMemory, argonThreads)
+})
 
 // errBadHash is returned for a stored hash that cannot be read.
 var errBadHash = errors.New("stored password hash is not an argon2id hash")

@@ -29,7 +29,7 @@ func (s *sqlStore) File(ctx context.Context, sha256 string, trust Trust) (FileDe
 	if err := s.curated(ctx, []string{sha256}, one); err != nil {
 		return FileDetail{}, fmt.Errorf("read file: %w", err)
 	}
-	if d.Prevalence > 0 {
+	if d.Prevalence > 0 { // for the console, also when nobody found it malformed
 		if err := s.established(ctx, []string{sha256}, trust, one); err != nil {
 			return FileDetail{}, fmt.Errorf("read file: %w", err)
 		}

@@ -130,7 +130,8 @@ type FileInfo struct {
 	Malformed bool
 	// Established counts the established installations (see Trust) that
 	// reported the file, and MalformedEstablished those of them that found
-	// it malformed. Both are counted only when Malformed is true.
+	// it malformed. Lookup counts them only when Malformed is true (rule 3
+	// needs them then only); File always does.
 	Established, MalformedEstablished int
 }
 
