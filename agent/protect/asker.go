@@ -150,7 +150,7 @@ func (a *asker) lookup(ctx context.Context, batch []string) {
 	lctx, cancel := context.WithTimeout(ctx, 2*g.deadline())
 	reps, err := g.opts.Reputation.Ask(lctx, batch)
 	cancel()
-	verdicts := make(map[string]string, len(reps))
+	verdicts := make(map[string]wire.Reputation, len(reps))
 	if err != nil {
 		if ctx.Err() == nil {
 			g.circ.failure(time.Now())
@@ -160,13 +160,13 @@ func (a *asker) lookup(ctx context.Context, batch []string) {
 	} else {
 		g.circ.success()
 		for _, r := range reps {
-			verdicts[r.SHA256] = r.Verdict
+			verdicts[r.SHA256] = r
 		}
 	}
 	for _, h := range batch {
 		for _, s := range a.answered(h) {
-			if v, ok := verdicts[h]; ok {
-				g.verdict(s, v)
+			if r, ok := verdicts[h]; ok {
+				g.verdict(s, r)
 				continue
 			}
 			if err != nil {

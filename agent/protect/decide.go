@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path"
 	"strconv"
 	"strings"
 	"time"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/identify"
+	"github.com/cloudprotect/cloudprotect/agent/reputation"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 
@@ -67,8 +67,8 @@ func (g *Guard) decide(ctx context.Context, e *event) {
 		g.allow(s, true)
 		return
 	}
-	if v, ok := g.opts.Reputation.Verdict(facts.SHA256); ok {
-		g.verdict(s, v)
+	if r, ok := g.opts.Reputation.Cached(facts.SHA256); ok {
+		g.verdict(s, r)
 		return
 	}
 	if !g.unfamiliarPlace(s) {
@@ -87,9 +87,9 @@ func (g *Guard) decide(ctx context.Context, e *event) {
 }
 
 // verdict acts on the Security Network's verdict on s.
-func (g *Guard) verdict(s *subject, v string) {
-	if v == wire.VerdictMalicious {
-		g.block(s, v)
+func (g *Guard) verdict(s *subject, r wire.Reputation) {
+	if r.Verdict == wire.VerdictMalicious {
+		g.block(s, r)
 		return
 	}
 	g.allow(s, true)
@@ -107,7 +107,7 @@ func (g *Guard) allow(s *subject, mark bool) {
 
 // block denies s, unless its file is one the guard never denies (a
 // root-owned system file, the agent itself), and reports it.
-func (g *Guard) block(s *subject, v string) {
+func (g *Guard) block(s *subject, r wire.Reputation) {
 	if g.neverDeny(s) {
 		g.log.Warn("system program has a malicious verdict; allowed (system files are never denied)",
 			"path", s.path, "sha256", s.facts.SHA256)
@@ -120,14 +120,9 @@ func (g *Guard) block(s *subject, v string) {
 		return
 	}
 	g.c.denied.Add(1)
-	al := api.Alert{
-		Time:    time.Now().UTC(),
-		SHA256:  s.facts.SHA256,
-		Path:    s.facts.Path,
-		Program: path.Base(s.facts.Path),
-		Verdict: v,
-		Action:  api.AlertActionBlocked,
-	}
+	// The alert is built from the agent's own facts, as every alert is.
+	al := reputation.AlertFor(s.facts.SHA256, s.facts.Path, r)
+	al.Action, al.Time = api.AlertActionBlocked, time.Now().UTC()
 	uid := procUID(s.e.pid)
 	g.release(s.e)
 	g.lastMu.Lock()

@@ -38,11 +38,11 @@ type fakeRep struct {
 	asked   [][]string
 }
 
-func (f *fakeRep) Verdict(h string) (string, bool) {
+func (f *fakeRep) Cached(h string) (wire.Reputation, bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	v, ok := f.cached[h]
-	return v, ok
+	return wire.Reputation{SHA256: h, Verdict: v, Source: wire.SourceFeed}, ok
 }
 
 func (f *fakeRep) Ask(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
@@ -75,7 +75,7 @@ func (f *fakeRep) Ask(ctx context.Context, hashes []string) ([]wire.Reputation, 
 		if v == "" {
 			v = wire.VerdictUnknown
 		}
-		out = append(out, wire.Reputation{SHA256: h, Verdict: v, TTLSeconds: 60})
+		out = append(out, wire.Reputation{SHA256: h, Verdict: v, Source: wire.SourceAnalyst, TTLSeconds: 60})
 	}
 	return out, nil
 }
@@ -237,7 +237,8 @@ func TestKnownMaliciousIsDenied(t *testing.T) {
 			t.Fatalf("%d blocks reported, want 1", len(r.blocks))
 		}
 		b := r.blocks[0]
-		if b.SHA256 != h || b.Action != api.AlertActionBlocked || b.Verdict != wire.VerdictMalicious || b.Program != "dropper" {
+		if b.SHA256 != h || b.Action != api.AlertActionBlocked || b.Verdict != wire.VerdictMalicious || b.Program != "dropper" ||
+			b.Source != wire.SourceFeed || b.Time.IsZero() {
 			t.Errorf("block = %+v", b)
 		}
 		if r.uids[0] != os.Getuid() && r.uids[0] != -1 {
@@ -300,6 +301,9 @@ func TestUnfamiliarHeldUntilCloudAnswers(t *testing.T) {
 				}
 				if st := r.g.Stats(); st.Held != 1 || st.TimedOut != 0 {
 					t.Errorf("stats = %+v", st)
+				}
+				if tc.want == unix.FAN_DENY && (len(r.blocks) != 1 || r.blocks[0].Source != wire.SourceAnalyst) {
+					t.Errorf("blocks = %+v; want one, its verdict from an analyst", r.blocks)
 				}
 			})
 		})

@@ -42,8 +42,9 @@ type Identifier interface {
 // Reputation answers what the Security Network says of a file.
 // *reputation.Checker is one.
 type Reputation interface {
-	// Verdict returns a fresh cached verdict, if there is one.
-	Verdict(sha256 string) (string, bool)
+	// Cached returns a fresh cached verdict and its source, if there is
+	// one.
+	Cached(sha256 string) (wire.Reputation, bool)
 	// Ask looks hashes up now, within ctx, and caches the answers.
 	Ask(ctx context.Context, hashes []string) ([]wire.Reputation, error)
 }

@@ -111,6 +111,7 @@ type Checker struct {
 type entry struct {
 	sha256  string
 	verdict string
+	source  string
 	expires time.Time
 }
 
@@ -357,7 +358,7 @@ func (c *Checker) lookup(ctx context.Context) {
 			continue
 		}
 		if r.TTLSeconds > 0 {
-			c.storeLocked(r.SHA256, r.Verdict, now.Add(time.Duration(r.TTLSeconds)*time.Second))
+			c.storeLocked(r, now.Add(time.Duration(r.TTLSeconds)*time.Second))
 		}
 		if r.Verdict == wire.VerdictMalicious || r.Verdict == wire.VerdictUntrusted {
 			alerts = append(alerts, AlertFor(r.SHA256, p, r))
@@ -411,23 +412,23 @@ func (c *Checker) Ask(ctx context.Context, hashes []string) ([]wire.Reputation, 
 			continue // forgotten meanwhile: nothing is kept
 		}
 		if r.TTLSeconds > 0 {
-			c.storeLocked(r.SHA256, r.Verdict, now.Add(time.Duration(r.TTLSeconds)*time.Second))
+			c.storeLocked(r, now.Add(time.Duration(r.TTLSeconds)*time.Second))
 		}
 		delete(c.pending, r.SHA256)
 	}
 	return out, nil
 }
 
-// storeLocked caches a verdict, forgetting the least recently used one
-// beyond CacheSize.
-func (c *Checker) storeLocked(sha, verdict string, expires time.Time) {
-	if el, ok := c.cache[sha]; ok {
+// storeLocked caches a verdict and its source, forgetting the least
+// recently used one beyond CacheSize.
+func (c *Checker) storeLocked(r wire.Reputation, expires time.Time) {
+	if el, ok := c.cache[r.SHA256]; ok {
 		e := el.Value.(*entry)
-		e.verdict, e.expires = verdict, expires
+		e.verdict, e.source, e.expires = r.Verdict, r.Source, expires
 		c.lru.MoveToFront(el)
 		return
 	}
-	c.cache[sha] = c.lru.PushFront(&entry{sha256: sha, verdict: verdict, expires: expires})
+	c.cache[r.SHA256] = c.lru.PushFront(&entry{sha256: r.SHA256, verdict: r.Verdict, source: r.Source, expires: expires})
 	for c.lru.Len() > c.opts.CacheSize {
 		old := c.lru.Back()
 		c.lru.Remove(old)
@@ -437,18 +438,25 @@ func (c *Checker) storeLocked(sha, verdict string, expires time.Time) {
 
 // Verdict returns the cached verdict on sha256, if a fresh one is cached.
 func (c *Checker) Verdict(sha256 string) (string, bool) {
+	r, ok := c.Cached(sha256)
+	return r.Verdict, ok
+}
+
+// Cached returns the fresh cached verdict on sha256 with its source, if
+// there is one.
+func (c *Checker) Cached(sha256 string) (wire.Reputation, bool) {
 	now := c.clock.Now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	el, ok := c.cache[sha256]
 	if !ok {
-		return "", false
+		return wire.Reputation{}, false
 	}
 	e := el.Value.(*entry)
 	if !now.Before(e.expires) {
-		return "", false
+		return wire.Reputation{}, false
 	}
-	return e.verdict, true
+	return wire.Reputation{SHA256: sha256, Verdict: e.verdict, Source: e.source}, true
 }
 
 // backoff returns the wait after n failures in a row: lo·2^(n-1) capped
