@@ -38,11 +38,6 @@ const (
 	ModeUser   = "user"
 )
 
-// DefaultServer is the Security Network the agent talks to when neither a
-// flag nor the policy names one: the reference cloud that `make run`
-// starts on loopback.
-const DefaultServer = "http://127.0.0.1:8787"
-
 // Config is what cloudprotectd's flags set.
 type Config struct {
 	// Mode is ModeSystem (root, machine-wide) or ModeUser.
@@ -53,7 +48,8 @@ type Config struct {
 	Socket string
 	// PolicyPath is the administrator's policy file.
 	PolicyPath string
-	// Server is the Security Network's URL; the policy's wins.
+	// Server is the Security Network's URL; the policy's wins. With
+	// neither, nothing is sent.
 	Server string
 	// ExecSource forces an exec source by name ("" picks the best).
 	ExecSource string
@@ -73,7 +69,7 @@ type Config struct {
 // DefaultConfig returns the configuration for mode: system paths for
 // ModeSystem, XDG paths of the current user for ModeUser.
 func DefaultConfig(mode string) Config {
-	c := Config{Mode: mode, PolicyPath: consent.DefaultPolicyPath, Server: DefaultServer}
+	c := Config{Mode: mode, PolicyPath: consent.DefaultPolicyPath}
 	if mode == ModeSystem {
 		c.StateDir = "/var/lib/cloudprotect"
 		c.Socket = localapi.SystemSocket
@@ -175,6 +171,8 @@ func New(cfg Config) (*Agent, error) {
 		Queue:            queueForUpload{q},
 		StatePath:        filepath.Join(cfg.StateDir, upload.StateFile),
 		Server:           a.server,
+		CAFile:           func() string { return a.consent.View().CAFile },
+		Client:           upload.ClientOptions{System: cfg.Mode == ModeSystem},
 		Allowed:          cm.Collecting,
 		StatementVersion: a.statementVersion,
 		AgentVersion:     Version,
@@ -461,6 +459,13 @@ func (a *Agent) Upload(ctx context.Context, force bool) (api.UploadResult, error
 	if errors.As(err, &be) {
 		return res, &localapi.HTTPError{Code: http.StatusTooManyRequests, Msg: err.Error(),
 			Hint: "the statistics stay queued and are sent then; an administrator can send at once with `sudo cloudprotect send`"}
+	}
+	var ee *upload.EndpointError
+	switch {
+	case errors.Is(err, upload.ErrNoServer):
+		return res, &localapi.HTTPError{Code: http.StatusConflict, Msg: err.Error(), Hint: upload.NoServerHint}
+	case errors.As(err, &ee):
+		return res, &localapi.HTTPError{Code: http.StatusConflict, Msg: err.Error(), Hint: ee.Hint}
 	}
 	if errors.Is(err, upload.ErrNotParticipating) {
 		return res, &localapi.HTTPError{Code: http.StatusConflict,

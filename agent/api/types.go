@@ -107,6 +107,10 @@ type UploadInfo struct {
 	// DeletionPending is true while a deletion request waits for the
 	// server's confirmation.
 	DeletionPending bool `json:"deletion_pending"`
+	// Problem says why nothing is sent (no server configured, or one
+	// that is not used), and ProblemHint what to do about it.
+	Problem     string `json:"problem,omitempty"`
+	ProblemHint string `json:"problem_hint,omitempty"`
 }
 
 // Statement is the answer to GET /v1/statement.

@@ -35,6 +35,9 @@ type View struct {
 	Notice string
 	// Server is the policy's Security Network URL, if it sets one.
 	Server string
+	// CAFile is the policy's file of certificate authorities trusted for
+	// the server, if it names one.
+	CAFile string
 	// AdminGroup is the policy's group allowed to change participation;
 	// empty means the default (see AdminGroupName).
 	AdminGroup string
@@ -167,6 +170,7 @@ func (m *Manager) viewLocked() View {
 		Since:             m.rec.Time,
 		Notice:            m.notice,
 		Server:            m.policy.Server,
+		CAFile:            m.policy.CAFile,
 		AdminGroup:        m.policy.AdminGroup,
 		EnrollSecretFile:  m.policy.EnrollSecretFile,
 		Protection:        m.policy.Protection,

@@ -113,8 +113,10 @@ func ParsePolicy(b []byte) (Policy, error) {
 	}
 	if p.Server != "" {
 		u, err := url.Parse(p.Server)
-		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			return Policy{}, fmt.Errorf("server %q is not an http(s) URL", p.Server)
+		web := err == nil && (u.Scheme == "https" || u.Scheme == "http") && u.Host != ""
+		sock := err == nil && u.Scheme == "unix" && u.Host == "" && filepath.IsAbs(u.Path)
+		if !web && !sock {
+			return Policy{}, fmt.Errorf("server %q is not an https:// URL (or http:// on loopback, or unix:///path/to.sock)", p.Server)
 		}
 	}
 	for name, f := range map[string]string{"ca_file": p.CAFile, "enroll_secret_file": p.EnrollSecretFile} {

@@ -44,11 +44,6 @@ const maxErrorBody = 64 << 10
 // maxTTL bounds how long a verdict may be cached, whatever the server says.
 const maxTTL = 7 * 24 * time.Hour
 
-// ErrInsecureServer is returned by NewClient for a plain-HTTP URL whose
-// host is not on loopback: the token and the statistics would travel in
-// the clear.
-var ErrInsecureServer = errors.New("plain HTTP is allowed only to a server on loopback")
-
 // ErrBadAnswer is wrapped by the errors for answers the client cannot use:
 // a body that is not JSON, too large, of the wrong type or with invalid
 // fields.
@@ -96,6 +91,9 @@ type ClientOptions struct {
 	RequestTimeout        time.Duration
 	// UserAgent is sent with every request.
 	UserAgent string
+	// System applies the system agent's rules for servers on this
+	// computer (see ParseServerURL); otherwise a user-mode agent's.
+	System bool
 	// Now is the clock used to read Retry-After dates; nil means time.Now.
 	Now func() time.Time
 }
@@ -110,10 +108,11 @@ type Client struct {
 	now  func() time.Time
 }
 
-// NewClient returns a client for the server at rawURL: https, or http to
-// a loopback address.
+// NewClient returns a client for the server at rawURL: https, or a
+// server on this computer that opts.System's rules allow (see
+// ParseServerURL), checked again on every connection.
 func NewClient(rawURL string, opts ClientOptions) (*Client, error) {
-	u, err := ParseServerURL(rawURL)
+	u, socket, err := ParseServerURL(rawURL, opts.System)
 	if err != nil {
 		return nil, err
 	}
@@ -142,9 +141,25 @@ func NewClient(rawURL string, opts ClientOptions) (*Client, error) {
 			tlsConf.MinVersion = tls.VersionTLS12
 		}
 	}
+	dialer := &net.Dialer{Timeout: opts.DialTimeout, KeepAlive: 30 * time.Second}
+	dial := dialer.DialContext
+	switch {
+	case socket != "":
+		dial = func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return dialUnix(ctx, dialer, socket, opts.System)
+		}
+	case u.Scheme == "http":
+		dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return dialLoopback(ctx, dialer, network, addr, opts.System)
+		}
+	}
+	proxy := http.ProxyFromEnvironment
+	if u.Scheme != "https" {
+		proxy = nil // a server on this computer is reached directly
+	}
 	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: opts.DialTimeout, KeepAlive: 30 * time.Second}).DialContext,
+		Proxy:                 proxy,
+		DialContext:           dial,
 		TLSClientConfig:       tlsConf,
 		TLSHandshakeTimeout:   opts.TLSHandshakeTimeout,
 		ResponseHeaderTimeout: opts.ResponseHeaderTimeout,
@@ -166,38 +181,6 @@ func NewClient(rawURL string, opts ClientOptions) (*Client, error) {
 		ua:  opts.UserAgent,
 		now: opts.Now,
 	}, nil
-}
-
-// ParseServerURL checks a Security Network URL: https, or http to a
-// loopback address; no user name, query or fragment.
-func ParseServerURL(rawURL string) (*url.URL, error) {
-	u, err := url.Parse(strings.TrimSpace(rawURL))
-	if err != nil {
-		return nil, fmt.Errorf("parse server URL: %w", err)
-	}
-	if u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
-		return nil, fmt.Errorf("parse server URL %q: want https://host[:port][/path]", rawURL)
-	}
-	switch u.Scheme {
-	case "https":
-	case "http":
-		if !loopback(u.Hostname()) {
-			return nil, fmt.Errorf("parse server URL %q: %w", rawURL, ErrInsecureServer)
-		}
-	default:
-		return nil, fmt.Errorf("parse server URL %q: want https://host[:port][/path]", rawURL)
-	}
-	u.Path = strings.TrimRight(u.Path, "/")
-	u.RawPath = ""
-	return u, nil
-}
-
-func loopback(host string) bool {
-	if strings.EqualFold(host, "localhost") {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 // Server returns the server's URL.

@@ -31,7 +31,9 @@ func (c Credentials) valid() bool {
 	if checkRegistration(wire.Registration{InstallationID: c.InstallationID, Token: c.Token}) != nil {
 		return false
 	}
-	_, err := ParseServerURL(c.Server)
+	// The laxer user-mode rules: whether the current mode may use this
+	// server is decided when a request is made.
+	_, _, err := ParseServerURL(c.Server, false)
 	return err == nil
 }
 

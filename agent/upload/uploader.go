@@ -2,11 +2,14 @@ package upload
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
+	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -67,10 +70,16 @@ type Options struct {
 	// StatePath is the state file, normally StateFile in the agent's
 	// state folder. It holds the installation's token: mode 0600.
 	StatePath string
-	// Server returns the Security Network's URL. When it changes, the
+	// Server returns the Security Network's URL, "" when none is
+	// configured (then nothing is sent). When it changes, the
 	// installation on the old server is queued for deletion and a new one
-	// is registered on the new server.
+	// is registered on the new server. See ParseServerURL for the servers
+	// on this computer that may be used.
 	Server func() string
+	// CAFile returns the path of a PEM file of certificate authorities
+	// trusted for the server in place of the system's, or ""; nil means
+	// none.
+	CAFile func() string
 	// Allowed reports whether the person participates. It is checked
 	// before every request that carries statistics or hashes, and before
 	// registering. Deletion requests are sent regardless.
@@ -85,7 +94,8 @@ type Options struct {
 	// registration: an installation is not registered without the secret
 	// its administrator configured. Nil means none.
 	EnrollSecret func() (string, error)
-	// Client configures the HTTP clients (TLS roots, timeouts).
+	// Client configures the HTTP clients (TLS roots, timeouts, and
+	// System: the system agent's rules for servers on this computer).
 	Client ClientOptions
 	// Clock is the time; nil means SystemClock.
 	Clock Clock
@@ -139,7 +149,7 @@ type Uploader struct {
 	// aborts requests in flight.
 	session       context.Context
 	cancelSession context.CancelFunc
-	clients       map[string]*Client
+	clients       map[clientKey]*Client
 	// Upload schedule: the next periodic upload, and the earliest retry
 	// after a failure (failures in a row), or after a Retry-After
 	// (serverWait, which Send now honours too).
@@ -238,7 +248,7 @@ func New(opts Options) (*Uploader, error) {
 		sendNow: make(chan sendRequest),
 		st:      st,
 		dirty:   len(problems) > 0,
-		clients: map[string]*Client{},
+		clients: map[clientKey]*Client{},
 	}
 	u.session, u.cancelSession = context.WithCancel(context.Background())
 	u.nextUpload = now
@@ -355,7 +365,26 @@ func (u *Uploader) Status() api.UploadInfo {
 		t := u.nextAttempt.UTC()
 		info.NextAttempt = &t
 	}
+	if err := u.endpointProblem(server); err != nil {
+		info.Problem = err.Error()
+		info.ProblemHint = NoServerHint
+		var ee *EndpointError
+		if errors.As(err, &ee) {
+			info.ProblemHint = ee.Hint
+		} else if !errors.Is(err, ErrNoServer) {
+			info.ProblemHint = "correct the server's URL in /etc/cloudprotect/policy.json"
+		}
+	}
 	return info
+}
+
+// endpointProblem says why nothing can be sent to server, or nil.
+func (u *Uploader) endpointProblem(server string) error {
+	if strings.TrimSpace(server) == "" {
+		return ErrNoServer
+	}
+	_, _, err := ParseServerURL(server, u.opts.Client.System)
+	return err
 }
 
 // NewBatch is the batch the uploader sends for records taken from the
@@ -435,7 +464,7 @@ func (u *Uploader) saveIfDirty() {
 
 // uploadDue reports whether a periodic upload or a retry is due.
 func (u *Uploader) uploadDue() bool {
-	if !u.opts.Allowed() {
+	if !u.opts.Allowed() || u.endpointProblem(u.opts.Server()) != nil {
 		return false
 	}
 	now := u.clock.Now()
@@ -448,7 +477,7 @@ func (u *Uploader) uploadDue() bool {
 // when nothing is due until something wakes the uploader. It also sets
 // what Status shows as the next attempt.
 func (u *Uploader) schedule() (time.Duration, bool) {
-	allowed := u.opts.Allowed()
+	allowed := u.opts.Allowed() && u.endpointProblem(u.opts.Server()) == nil
 	now := u.clock.Now()
 	u.mu.Lock()
 	var next time.Time
@@ -487,6 +516,9 @@ func (u *Uploader) sendAtOnce(ctx context.Context, force bool) (api.UploadResult
 		return api.UploadResult{Pending: u.opts.Queue.Pending()}, &BackoffError{Until: retry}
 	}
 	defer u.deleteDue(ctx, true)
+	if err := u.endpointProblem(u.opts.Server()); err != nil {
+		return api.UploadResult{Pending: u.opts.Queue.Pending()}, err
+	}
 	if now.Before(wait) {
 		return api.UploadResult{Pending: u.opts.Queue.Pending()},
 			fmt.Errorf("send now: the server asked to wait until %s", wait.UTC().Format(time.RFC3339))
@@ -733,18 +765,58 @@ func (u *Uploader) begin(ctx context.Context, gen uint64, consent bool) (context
 	return rctx, func() { stop(); cancel() }, nil
 }
 
-// client returns the client for server, made once.
+// clientKey names a client: the server and the certificate authorities
+// it is verified against (the CA file's path and version).
+type clientKey struct {
+	server string
+	ca     string
+	caSize int64
+	caTime int64
+}
+
+// client returns the client for server, made once for each version of
+// the policy's CA file.
 func (u *Uploader) client(server string) (*Client, error) {
+	key := clientKey{server: server}
+	if u.opts.CAFile != nil {
+		key.ca = u.opts.CAFile()
+	}
+	if key.ca != "" {
+		fi, err := os.Stat(key.ca)
+		if err != nil {
+			return nil, fmt.Errorf("read ca_file: %w", err)
+		}
+		key.caSize, key.caTime = fi.Size(), fi.ModTime().UnixNano()
+	}
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if c, ok := u.clients[server]; ok {
+	if c, ok := u.clients[key]; ok {
 		return c, nil
 	}
-	c, err := NewClient(server, u.opts.Client)
+	opts := u.opts.Client
+	if key.ca != "" {
+		pool, err := loadCAFile(key.ca)
+		if err != nil {
+			return nil, err
+		}
+		if opts.TLS != nil {
+			opts.TLS = opts.TLS.Clone()
+		} else {
+			opts.TLS = &tls.Config{}
+		}
+		opts.TLS.RootCAs = pool
+	}
+	c, err := NewClient(server, opts)
 	if err != nil {
 		return nil, err
 	}
-	u.clients[server] = c
+	for k, old := range u.clients {
+		if k.server == key.server {
+			old.CloseIdleConnections()
+			delete(u.clients, k)
+		}
+	}
+	u.clients[key] = c
 	return c, nil
 }
 
@@ -755,6 +827,9 @@ func (u *Uploader) ensureRegistered(ctx context.Context, gen uint64) (Credential
 	u.regMu.Lock()
 	defer u.regMu.Unlock()
 	server := u.opts.Server()
+	if err := u.endpointProblem(server); err != nil {
+		return Credentials{}, err
+	}
 	u.mu.Lock()
 	if u.gen != gen {
 		u.mu.Unlock()

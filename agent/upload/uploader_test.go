@@ -462,36 +462,6 @@ func TestServerChangeDeletesTheOldInstallation(t *testing.T) {
 	}
 }
 
-func TestParseServerURL(t *testing.T) {
-	t.Parallel()
-	tests := []struct {
-		name, url string
-		ok        bool
-	}{
-		{"https", "https://cloud.example.org", true},
-		{"https with path", "https://cloud.example.org/sn/", true},
-		{"http on loopback", "http://127.0.0.1:8787", true},
-		{"http on localhost", "http://localhost:8787", true},
-		{"http on IPv6 loopback", "http://[::1]:8787", true},
-		{"http elsewhere", "http://cloud.example.org", false},
-		{"http on a LAN address", "http://192.168.1.10:8787", false},
-		{"user info", "https://u:p@cloud.example.org", false},
-		{"query", "https://cloud.example.org/?x=1", false},
-		{"no host", "https:///v1", false},
-		{"other scheme", "ftp://cloud.example.org", false},
-		{"garbage", "::", false},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			t.Parallel()
-			_, err := upload.ParseServerURL(tt.url)
-			if (err == nil) != tt.ok {
-				t.Errorf("ParseServerURL(%q) = %v; want ok %v", tt.url, err, tt.ok)
-			}
-		})
-	}
-}
-
 func TestParseRetryAfter(t *testing.T) {
 	t.Parallel()
 	now := start

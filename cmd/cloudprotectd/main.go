@@ -22,7 +22,7 @@ func main() {
 	stateDir := flag.String("state-dir", "", "folder for the consent record, queue and upload state (default: by mode)")
 	socket := flag.String("socket", "", "local API socket (default: by mode)")
 	policy := flag.String("policy", "", "administrator's policy file (default /etc/cloudprotect/policy.json)")
-	server := flag.String("server", "", "Security Network URL (default "+agent.DefaultServer+"; the policy's server wins)")
+	server := flag.String("server", "", "Security Network URL: https://host, or a server on this computer (see SECURITY.md); the policy's server wins. Without one, nothing is sent")
 	execSource := flag.String("exec-source", "", "force an exec source: fanotify, fanotify-unprivileged, proc-connector, proc-poll")
 	debug := flag.Bool("debug", false, "log debug messages")
 	flag.Usage = func() {
