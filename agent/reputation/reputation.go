@@ -13,13 +13,11 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"path"
-	"strings"
 	"sync"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
@@ -492,14 +490,7 @@ func AlertFor(sha256, seenPath string, r wire.Reputation) api.Alert {
 }
 
 // Neutralise replaces the characters of s that change how the text
-// around them reads (bidirectional controls, control and format
-// characters, invalid UTF-8) with "?".
-func Neutralise(s string) string {
-	return strings.Map(func(r rune) rune {
-		if r == utf8.RuneError || unicode.IsControl(r) || unicode.Is(unicode.Cf, r) ||
-			unicode.Is(unicode.Zl, r) || unicode.Is(unicode.Zp, r) {
-			return '?'
-		}
-		return r
-	}, strings.ToValidUTF8(s, "?"))
-}
+// around it reads (bidirectional controls, control and format characters,
+// invalid UTF-8) with "?", as every surface that shows a path does
+// (safetext.Line).
+func Neutralise(s string) string { return safetext.Line(s) }
