@@ -1,0 +1,464 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/testenv"
+	"github.com/cloudprotect/cloudprotect/server"
+	"github.com/cloudprotect/cloudprotect/server/store"
+	"github.com/cloudprotect/cloudprotect/server/verdict"
+)
+
+// Blocking at exec, end to end: the real cloudprotectd and the real
+// reference cloud on loopback, as root.
+//
+// The agent here marks the machine's real filesystems with a permission
+// group, so it never runs inside the test process: it is a child that
+// the test stops at the end and kills with SIGKILL at a hard deadline
+// (protectWatchdog), after which the kernel allows whatever it held. The
+// tests keep the time an agent holds executions short; the programs they
+// run are their own, in a fresh folder.
+//
+// Timing checks are the product's contract (deadlines), with bounds
+// generous enough for a loaded 2-core machine: a lower bound proves an
+// execution was held, an upper bound well below the next deadline proves
+// it was not; the exact figures come from the benchmarks.
+
+const protectWatchdog = 2 * time.Minute
+
+// protectBinaries builds cloudprotectd and cloudprotect into a folder of
+// the test.
+func protectBinaries(t *testing.T) (daemon, cli string) {
+	t.Helper()
+	testenv.NeedRoot(t)
+	dir := t.TempDir()
+	out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/cloudprotectd", "../cmd/cloudprotect").CombinedOutput()
+	if err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	return filepath.Join(dir, "cloudprotectd"), filepath.Join(dir, "cloudprotect")
+}
+
+// testCloud is the reference cloud on loopback; lookups can be slowed.
+type testCloud struct {
+	URL   string
+	store store.Store
+	// lookupDelay delays every reputation lookup (nanoseconds).
+	lookupDelay atomic.Int64
+}
+
+func startTestCloud(t *testing.T) *testCloud {
+	t.Helper()
+	ctx := context.Background()
+	st, err := store.Open(ctx, "sqlite:"+filepath.Join(t.TempDir(), "cloud.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &testCloud{store: st}
+	h := server.New(server.Config{Store: st, Rules: verdict.Default()})
+	closing := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if d := time.Duration(c.lookupDelay.Load()); d > 0 && r.URL.Path == "/v1/reputation/sha256" {
+			select {
+			case <-time.After(d):
+			case <-r.Context().Done():
+				return
+			case <-closing:
+				return
+			}
+		}
+		h.ServeHTTP(w, r)
+	}))
+	c.URL = srv.URL
+	t.Cleanup(func() {
+		close(closing)
+		srv.CloseClientConnections()
+		srv.Close()
+		st.Close()
+	})
+	return c
+}
+
+func (c *testCloud) malicious(t *testing.T, sums ...string) {
+	t.Helper()
+	if _, err := c.store.ImportLists(context.Background(), "test feed", map[string][]string{store.ListMalicious: sums}, false, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// protectingAgent is a cloudprotectd child process.
+type protectingAgent struct {
+	cmd    *exec.Cmd
+	client *localapi.Client
+	socket string
+	log    *bytes.Buffer
+	exited chan struct{}
+}
+
+// startProtectingAgent runs the agent in user mode (as root, so with
+// fanotify) against server, with policy (JSON, "" for none).
+func startProtectingAgent(t *testing.T, bin, server, policy string) *protectingAgent {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "cloudprotect-protect-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if policy != "" {
+		if err := os.WriteFile(filepath.Join(dir, "policy.json"), []byte(policy), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(dir, "run", "cloudprotectd.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), protectWatchdog)
+	cmd := exec.CommandContext(ctx, bin, "--user", "--state-dir", filepath.Join(dir, "state"), "--socket", sock,
+		"--policy", filepath.Join(dir, "policy.json"), "--server", server)
+	a := &protectingAgent{cmd: cmd, socket: sock, log: &bytes.Buffer{}, exited: make(chan struct{})}
+	cmd.Stderr = a.log
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	go func() {
+		cmd.Wait()
+		close(a.exited)
+	}()
+	a.client = localapi.NewClient(sock)
+	t.Cleanup(func() {
+		t0 := time.Now()
+		cmd.Process.Signal(syscall.SIGTERM)
+		defer func() { t.Logf("agent stopped %v after SIGTERM", time.Since(t0)) }()
+		select {
+		case <-a.exited:
+		case <-time.After(15 * time.Second):
+			t.Errorf("agent did not stop within 15s of SIGTERM; killed")
+			cmd.Process.Kill()
+			<-a.exited
+		}
+		cancel()
+		a.client.Close()
+		if t.Failed() {
+			t.Logf("agent log:\n%s", a.log.String())
+		}
+	})
+	for i := 0; ; i++ {
+		if _, err := a.client.Status(context.Background()); err == nil {
+			return a
+		}
+		if i == 400 {
+			t.Fatalf("agent did not start:\n%s", a.log.String())
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+}
+
+func (a *protectingAgent) participate(t *testing.T) {
+	t.Helper()
+	if _, err := a.client.SetParticipation(context.Background(), api.ParticipationRequest{
+		Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (a *protectingAgent) leave(t *testing.T) {
+	t.Helper()
+	if _, err := a.client.SetParticipation(context.Background(), api.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitStatus waits (at most 15 s) until ok holds for the status.
+func (a *protectingAgent) waitStatus(t *testing.T, what string, ok func(api.Status) bool) api.Status {
+	t.Helper()
+	var st api.Status
+	var err error
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		st, err = a.client.Status(context.Background())
+		if err == nil && ok(st) {
+			return st
+		}
+	}
+	t.Fatalf("status never showed %s; last %+v (%v)", what, st.Protection, err)
+	return st
+}
+
+func (a *protectingAgent) active(t *testing.T) {
+	t.Helper()
+	a.waitStatus(t, "blocking active", func(st api.Status) bool { return st.Protection.Active })
+}
+
+// fanotifyGroups counts the agent's fanotify descriptors.
+func (a *protectingAgent) fanotifyGroups(t *testing.T) int {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", a.cmd.Process.Pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil && l == "anon_inode:[fanotify]" {
+			n++
+		}
+	}
+	return n
+}
+
+// timedRun executes path and says how long until it finished.
+func timedRun(path string) (time.Duration, error) {
+	t0 := time.Now()
+	err := exec.Command(path).Run()
+	return time.Since(t0), err
+}
+
+// A program the cloud knows as malicious fails with EPERM and a block
+// comes on the event stream; `cloudprotect allow` lets it run.
+func TestProtectBlocksMaliciousEndToEnd(t *testing.T) {
+	daemon, cli := protectBinaries(t)
+	cloud := startTestCloud(t)
+	downloads := filepath.Join(t.TempDir(), "Downloads")
+	os.Mkdir(downloads, 0o755)
+	bad, sum := uniqueProgram(t, downloads, "invoice-viewer")
+	cloud.malicious(t, sum)
+	a := startProtectingAgent(t, daemon, cloud.URL, "")
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	blocks := make(chan api.Alert, 8)
+	go a.client.Events(ctx, func(ev api.Event) error {
+		if ev.Alert != nil && ev.Alert.Action == api.AlertActionBlocked {
+			blocks <- *ev.Alert
+		}
+		return nil
+	})
+	a.participate(t)
+	a.active(t)
+
+	if _, err := timedRun(bad); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("malicious program: %v; want EPERM", err)
+	}
+	select {
+	case al := <-blocks:
+		if al.SHA256 != sum || al.Verdict != "malicious" || al.Program != "invoice-viewer" || al.Source != "feed" {
+			t.Errorf("block = %+v", al)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("no block on the event stream within 15s")
+	}
+	st := a.waitStatus(t, "the block counted", func(st api.Status) bool { return st.Protection.Blocked == 1 })
+	if st.Protection.LastBlock == nil || st.Protection.LastBlock.SHA256 != sum {
+		t.Errorf("last block = %+v", st.Protection.LastBlock)
+	}
+	// Again: the cached verdict denies it without asking.
+	if _, err := timedRun(bad); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("second run: %v; want EPERM", err)
+	}
+
+	allow := exec.Command(cli, "allow", sum, "--reason", "our own invoice viewer")
+	allow.Env = append(os.Environ(), "CLOUDPROTECT_SOCKET="+a.socket, "LANGUAGE=en")
+	if out, err := allow.CombinedOutput(); err != nil || !strings.Contains(string(out), "Allowed on this computer") {
+		t.Fatalf("cloudprotect allow: %v\n%s", err, out)
+	}
+	if _, err := timedRun(bad); err != nil {
+		t.Fatalf("after cloudprotect allow: %v", err)
+	}
+	remove := exec.Command(cli, "allow", "--remove", sum)
+	remove.Env = allow.Env
+	if out, err := remove.CombinedOutput(); err != nil {
+		t.Fatalf("cloudprotect allow --remove: %v\n%s", err, out)
+	}
+	if _, err := timedRun(bad); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("after the exception was removed: %v; want EPERM", err)
+	}
+}
+
+// An unfamiliar downloaded program waits for the cloud's answer
+// ("unknown"), then runs.
+func TestProtectHoldsUnfamiliarUntilCloudAnswers(t *testing.T) {
+	daemon, _ := protectBinaries(t)
+	cloud := startTestCloud(t)
+	cloud.lookupDelay.Store(int64(400 * time.Millisecond))
+	a := startProtectingAgent(t, daemon, cloud.URL, "")
+	a.participate(t)
+	a.active(t)
+	p, _ := uniqueProgram(t, t.TempDir(), "setup.bin")
+	d, err := timedRun(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// It cannot have run before the cloud answered, nor waited for the
+	// 1.5 s deadline.
+	if d < 400*time.Millisecond || d >= 1500*time.Millisecond {
+		t.Errorf("ran after %v; want after the cloud's answer at 400ms, before the 1.5s deadline", d)
+	}
+	a.waitStatus(t, "one execution held", func(st api.Status) bool { return st.Protection.Held >= 1 })
+}
+
+// A cloud that answers only after 10 s: the program runs at the deadline
+// (first_sight_timeout_ms), and the next one does not wait.
+func TestProtectSlowCloudRunsAtDeadline(t *testing.T) {
+	daemon, _ := protectBinaries(t)
+	cloud := startTestCloud(t)
+	cloud.lookupDelay.Store(int64(10 * time.Second))
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 1500}`)
+	a.participate(t)
+	a.active(t)
+	dir := t.TempDir()
+	p1, _ := uniqueProgram(t, dir, "first")
+	p2, _ := uniqueProgram(t, dir, "second")
+	d, err := timedRun(p1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("held until %v (deadline 1.5s)", d)
+	if d < 1500*time.Millisecond || d > 2*time.Second {
+		t.Errorf("ran after %v; want at its 1.5s deadline", d)
+	}
+	d, err = timedRun(p2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d >= time.Second {
+		t.Errorf("the next unfamiliar program waited %v; the circuit should let it run at once", d)
+	}
+}
+
+// The cloud down: programs run at once, later ones too.
+func TestProtectCloudDownRunsAtOnce(t *testing.T) {
+	daemon, _ := protectBinaries(t)
+	a := startProtectingAgent(t, daemon, "http://127.0.0.1:1", "")
+	a.participate(t)
+	a.active(t)
+	dir := t.TempDir()
+	for _, name := range []string{"one", "two", "three"} {
+		p, _ := uniqueProgram(t, dir, name)
+		d, err := timedRun(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%s ran after %v", name, d)
+		if d >= time.Second {
+			t.Errorf("%s waited %v with the cloud down; want at once", name, d)
+		}
+	}
+}
+
+// The agent SIGKILLed while it holds an execution: the kernel lets the
+// execution proceed.
+func TestProtectAgentKilledReleasesExecution(t *testing.T) {
+	daemon, _ := protectBinaries(t)
+	cloud := startTestCloud(t)
+	cloud.lookupDelay.Store(int64(time.Minute))
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`)
+	a.participate(t)
+	a.active(t)
+	p, _ := uniqueProgram(t, t.TempDir(), "held")
+	type result struct {
+		at  time.Time
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		_, err := timedRun(p)
+		done <- result{time.Now(), err}
+	}()
+	a.waitStatus(t, "the execution held", func(st api.Status) bool { return st.Protection.Held >= 1 })
+	select {
+	case r := <-done:
+		t.Fatalf("execution finished while held: %v", r.err)
+	default:
+	}
+	killed := time.Now()
+	a.cmd.Process.Kill()
+	select {
+	case r := <-done:
+		if r.err != nil {
+			t.Errorf("released execution: %v", r.err)
+		}
+		if d := r.at.Sub(killed); d > time.Second {
+			t.Errorf("ran %v after the agent was killed; want within a second", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("execution still held 10s after the agent was killed")
+	}
+}
+
+// With "protection": "alert", nothing is denied: the malicious program
+// runs and the person is alerted.
+func TestProtectAlertModeDeniesNothing(t *testing.T) {
+	daemon, _ := protectBinaries(t)
+	cloud := startTestCloud(t)
+	bad, sum := uniqueProgram(t, t.TempDir(), "dropper")
+	cloud.malicious(t, sum)
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"protection": "alert"}`)
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	alerts := make(chan api.Alert, 8)
+	go a.client.Events(ctx, func(ev api.Event) error {
+		if ev.Alert != nil {
+			alerts <- *ev.Alert
+		}
+		return nil
+	})
+	a.participate(t)
+	st := a.waitStatus(t, "collecting", func(st api.Status) bool { return st.Agent.ExecSource != "" })
+	if st.Protection.Active || st.Protection.Mode != "alert" {
+		t.Fatalf("protection = %+v; want alert mode, not active", st.Protection)
+	}
+	if n := a.fanotifyGroups(t); n != 1 {
+		t.Errorf("%d fanotify groups in alert mode; want 1 (the exec source only)", n)
+	}
+	for range 2 {
+		if _, err := timedRun(bad); err != nil {
+			t.Fatalf("malicious program in alert mode: %v; want it to run", err)
+		}
+	}
+	select {
+	case al := <-alerts:
+		if al.SHA256 != sum || al.Action != api.AlertActionAlerted {
+			t.Errorf("alert = %+v", al)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no alert within 20s")
+	}
+}
+
+// The permission group exists only while the person participates (and
+// the policy says block): count the agent's fanotify descriptors.
+func TestProtectGroupOnlyWhileParticipating(t *testing.T) {
+	daemon, _ := protectBinaries(t)
+	a := startProtectingAgent(t, daemon, "http://127.0.0.1:1", "")
+	st := a.waitStatus(t, "the reason", func(st api.Status) bool { return st.Protection.Reason != "" })
+	if st.Protection.Active || a.fanotifyGroups(t) != 0 {
+		t.Fatalf("undecided: protection %+v, %d fanotify groups; want none", st.Protection, a.fanotifyGroups(t))
+	}
+	a.participate(t)
+	a.active(t)
+	if n := a.fanotifyGroups(t); n != 2 {
+		t.Errorf("participating: %d fanotify groups; want 2 (exec source and permission group)", n)
+	}
+	a.leave(t)
+	a.waitStatus(t, "blocking off", func(st api.Status) bool { return !st.Protection.Active })
+	deadline := time.Now().Add(10 * time.Second)
+	for a.fanotifyGroups(t) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("after leaving: %d fanotify groups; want none", a.fanotifyGroups(t))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
