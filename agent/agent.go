@@ -14,12 +14,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/execwatch"
 	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/queue"
@@ -95,30 +94,17 @@ type Agent struct {
 	hub     *localapi.Hub
 	started time.Time
 
-	queue  *queue.Queue
-	upload *upload.Uploader
-	rep    *reputation.Checker
-	ident  *identify.Identifier
-	anon   *identify.Anonymizer
-	prot   *protection
-	gate   gate
+	queue   *queue.Queue
+	upload  *upload.Uploader
+	rep     *reputation.Checker
+	ident   *identify.Identifier
+	anon    *identify.Anonymizer
+	prot    *protection
+	collect *collector
+	// runners knows which users ran each program.
+	runners *runners
 	// dirty wakes the status publisher; one slot, never blocks.
 	dirty chan struct{}
-	// settle asks the collector to report once it applied consent.
-	settle chan chan struct{}
-
-	identifyFailed atomic.Uint64
-
-	deferredMu sync.Mutex // protects deferred
-	// deferred holds the events waiting for a large file's hash, by
-	// anonymised path.
-	deferred map[string]*deferredCounts
-
-	mu sync.Mutex // protects the fields below
-	// running is the collection while the person participates.
-	running       *collection
-	limited       bool
-	limitedReason string
 }
 
 // New prepares an agent: it opens the state folder and the consent record
@@ -154,19 +140,18 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		consent:  cm,
-		ln:       ln,
-		hub:      localapi.NewHub(),
-		started:  time.Now().UTC(),
-		queue:    q,
-		anon:     identify.SystemAnonymizer(),
-		dirty:    make(chan struct{}, 1),
-		settle:   make(chan chan struct{}),
-		deferred: make(map[string]*deferredCounts),
+		cfg:     cfg,
+		log:     cfg.Logger,
+		consent: cm,
+		ln:      ln,
+		hub:     localapi.NewHub(),
+		started: time.Now().UTC(),
+		queue:   q,
+		anon:    identify.SystemAnonymizer(),
+		runners: newRunners(),
+		dirty:   make(chan struct{}, 1),
 	}
-	a.ident = identify.New(identify.Options{Anonymizer: a.anon, Logger: cfg.Logger, OnDeferred: a.deferredDone})
+	a.ident = identify.New(identify.Options{Anonymizer: a.anon, Logger: cfg.Logger})
 	a.upload, err = upload.New(upload.Options{
 		Queue:            queueForUpload{q},
 		StatePath:        filepath.Join(cfg.StateDir, upload.StateFile),
@@ -196,6 +181,22 @@ func New(cfg Config) (*Agent, error) {
 		ln.Close()
 		return nil, err
 	}
+	a.collect = newCollector(collectorDeps{
+		log:     cfg.Logger,
+		consent: cm,
+		queue:   q,
+		ident:   a.ident,
+		rep:     a.rep,
+		runners: a.runners,
+		chain:   func() ([]func(execwatch.Options) execwatch.Source, error) { return execwatch.Chain(cfg.ExecSource) },
+		loaded: func() execwatch.Source {
+			return execwatch.NewLoaded(execwatch.LoadedOptions{Logger: cfg.Logger, Dirs: a.loadDirs()})
+		},
+		afterBatch:     a.afterBatch,
+		forget:         a.forget,
+		consentChanged: a.onConsentChange,
+		statusChanged:  a.statusChanged,
+	})
 	auth := localapi.OwnerOnly(os.Getuid())
 	if cfg.Mode == ModeSystem {
 		auth = localapi.RootOrGroup(func() string { return a.consent.View().AdminGroupName() })
@@ -221,8 +222,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		service{"policy", a.consent.WatchPolicy},
 		service{"status", a.publishStatus},
 		service{"queue", a.queue.Serve},
-		service{"identify", a.ident.Serve},
-		service{"collect", a.collect},
+		service{"collect", a.collect.Serve},
 		service{"upload", a.upload.Serve},
 		service{"reputation", a.rep.Serve},
 		service{"protect", a.protect},
@@ -277,10 +277,6 @@ func (a *Agent) afterBatch() {
 	a.statusChanged()
 }
 
-// newHash is called for every identified file: its reputation is looked
-// up unless a fresh verdict is cached.
-func (a *Agent) newHash(f identify.Facts) { a.rep.Check(f.SHA256, f.Path) }
-
 // onForget runs whenever the person is not participating: the cloud is
 // asked to delete what it received from this installation (a durable
 // request, retried until confirmed), and pending lookups are dropped.
@@ -298,6 +294,15 @@ func (a *Agent) onConsentChange() {
 	a.upload.Wake()
 	a.rep.Wake()
 }
+
+// RanBy returns the users the agent saw running the program with this
+// SHA-256 (or owning it, for a file that arrived in a download folder),
+// to decide who may see an alert about it; nil when none is known. A
+// user is learnt from the owner of /proc/PID while the process runs, so
+// a program that ends before the agent looks (within about 100 ms) may
+// leave none. The agent remembers the latest 16,384 programs, 16 users
+// each, and forgets everything when the person stops participating.
+func (a *Agent) RanBy(sha256 string) []uint32 { return a.runners.of(sha256) }
 
 // alert publishes a reputation alert on the event stream.
 func (a *Agent) alert(al api.Alert) {
@@ -365,20 +370,12 @@ func (a *Agent) Status() api.Status {
 	}
 	qs := a.queue.Stats()
 	st.Queue = api.QueueInfo{Pending: qs.Pending, Records: qs.Records, Evicted: qs.Evicted, Bytes: qs.Bytes}
-	a.mu.Lock()
+	cs := a.collect.status()
+	st.Agent.EventsSeen, st.Agent.EventsLost = cs.stats.seen, cs.stats.lost
+	st.Agent.EventsMissed, st.Agent.EventsUnidentified = cs.stats.missed, cs.stats.unidentified
 	if v.Collecting {
-		if a.running != nil {
-			st.Agent.ExecSource = a.running.source.Name()
-			s1, s2 := a.running.source.Stats(), a.running.loaded.Stats()
-			st.Agent.EventsSeen, st.Agent.EventsLost = s1.Events+s2.Events, s1.Lost+s2.Lost
-		}
-		var why []string
-		if a.limited {
-			why = append(why, a.limitedReason)
-		}
-		if st.Agent.EventsLost > 0 {
-			why = append(why, fmt.Sprintf("%d executions were missed because the agent fell behind", st.Agent.EventsLost))
-		}
+		st.Agent.ExecSource = cs.source
+		why := cs.reasons
 		if err := a.queue.CommitError(); err != nil {
 			why = append(why, fmt.Sprintf("statistics cannot be written to the state folder (%v): they are kept in memory until it can", err))
 		}
@@ -387,7 +384,6 @@ func (a *Agent) Status() api.Status {
 		}
 		st.Agent.Limited, st.Agent.LimitedReason = len(why) > 0, strings.Join(why, "; ")
 	}
-	a.mu.Unlock()
 	return st
 }
 
@@ -433,9 +429,9 @@ func (a *Agent) SetParticipation(req api.ParticipationRequest, uid int) (api.Sta
 	if _, err := a.consent.Set(req.Participate, req.StatementVersion, via, uid); err != nil {
 		return api.Status{}, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	a.settled(ctx)
+	a.collect.settled(ctx)
 	return a.Status(), nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -15,108 +16,132 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/queue"
 )
 
-// stopWithin is how long the sources may take to stop after consent is
-// withdrawn; they return much sooner (on the cancellation of their poll).
-const stopWithin = time.Second
+// Why an epoch's context is cancelled.
+var (
+	// errWithdrawn: the person no longer participates; whatever the
+	// sources still deliver is discarded, then the queue is purged.
+	errWithdrawn = errors.New("consent withdrawn")
+	// errStopping: the agent stops, collection is paused, or a source
+	// failed; what the sources still deliver is identified and committed.
+	errStopping = errors.New("collection stopping")
+)
 
-// gate says whether events may be queued. Every path that adds to the
-// queue holds it for reading while it checks and adds; withdrawing
-// consent takes it for writing, so once close() returns nothing more is
-// added and the queue can be purged.
-type gate struct {
-	mu   sync.RWMutex // protects open
-	open bool
+// Bounds of an epoch's start and stop.
+const (
+	// readyWithin is how long a source may take to see every exec.
+	readyWithin = 10 * time.Second
+	// drainJobsWithin bounds the wait for large files still being hashed
+	// at a stop; what is not hashed by then is counted as unidentified.
+	drainJobsWithin = 10 * time.Second
+)
+
+// collectorDeps is what a collector works with; tests replace parts.
+type collectorDeps struct {
+	log     *slog.Logger
+	consent *consent.Manager
+	queue   *queue.Queue
+	ident   *identify.Identifier
+	rep     hashChecker
+	runners *runners
+	// chain builds the exec sources to try, best first.
+	chain func() ([]func(execwatch.Options) execwatch.Source, error)
+	// loaded builds the watcher of download folders; nil for none.
+	loaded func() execwatch.Source
+	// afterBatch runs after the pipeline queued events.
+	afterBatch func()
+	// forget purges what was collected and asks the cloud to delete it.
+	forget func()
+	// consentChanged wakes the parts that send.
+	consentChanged func()
+	// statusChanged tells the status publisher to look again.
+	statusChanged func()
+	// beforeAdd runs in the pipeline before each event is queued (tests).
+	beforeAdd func()
 }
 
-func (g *gate) set(open bool) {
-	g.mu.Lock()
-	g.open = open
-	g.mu.Unlock()
+// collector follows consent: while the person participates it runs one
+// collection epoch — the exec source, the loaded watcher, and the
+// pipeline, the only writer to the queue — and when they stop
+// participating it cancels the epoch, waits for it, then purges. It is a
+// service under the supervisor: an epoch whose source fails ends with an
+// error, the supervisor starts the collector again after a delay, and the
+// next epoch starts with the next source in the chain.
+type collector struct {
+	collectorDeps
+	// settle carries requests to report once consent is applied.
+	settle chan chan struct{}
+
+	mu sync.Mutex // protects the fields below
+	// cur is the running epoch, nil while none runs.
+	cur *epoch
+	// chainAt is where the next epoch starts in the chain of sources.
+	chainAt int
+	// failed is why the last epoch failed (its source stopped working);
+	// it is the status's reason while a lesser source runs.
+	failed error
+	// skipped says which better sources could not run in this epoch.
+	skipped []string
+	// done accumulates the counters of finished epochs.
+	done epochStats
 }
 
-// with runs fn if the gate is open, holding it open meanwhile.
-func (g *gate) with(fn func()) bool {
-	g.mu.RLock()
-	defer g.mu.RUnlock()
-	if g.open {
-		fn()
-	}
-	return g.open
-}
-
-// collection is one run of the exec source and the loaded watcher while
-// the person participates.
-type collection struct {
-	cancel context.CancelFunc
-	done   chan struct{}
+// epoch is one running collection.
+type epoch struct {
 	source execwatch.Source
-	loaded *execwatch.Loaded
+	loaded execwatch.Source
+	pipe   *pipeline
 }
 
-// deferredCounts remembers what events wait for a large file's hash.
-type deferredCounts struct {
-	execs  int
-	loaded bool
-	at     time.Time
+// epochStats are the counters the status shows.
+type epochStats struct {
+	seen, lost, missed, unidentified uint64
 }
 
-// collect follows consent: it runs the exec source, the loaded watcher and
-// the pipeline while collecting is allowed, stops them within a second
-// when it is not, and when the person is not participating (left,
-// declined, forbidden by policy, or a record that could not be trusted)
-// purges the queue and asks the cloud to delete what it received.
-func (a *Agent) collect(ctx context.Context) error {
-	changed, cancel := a.consent.Subscribe()
+func newCollector(d collectorDeps) *collector {
+	return &collector{collectorDeps: d, settle: make(chan chan struct{})}
+}
+
+// Serve runs epochs while the person participates and purges when they
+// stop, until ctx is cancelled. It returns the error of an epoch whose
+// source failed.
+func (c *collector) Serve(ctx context.Context) error {
+	changed, cancel := c.consent.Subscribe()
 	defer cancel()
-	var cur *collection
-	stop := func() {
-		if cur == nil {
-			return
-		}
-		a.gate.set(false)
-		cur.cancel()
-		select {
-		case <-cur.done:
-		case <-time.After(stopWithin):
-			a.log.Error("exec sources did not stop in time", "within", stopWithin)
-			<-cur.done
-		}
-		a.setSource(nil)
-		cur = nil
-		a.log.Info("collection stopped")
-	}
-	defer stop()
-	var settled []chan struct{}
-	for {
-		v := a.consent.View()
-		switch {
-		case v.Collecting && cur == nil:
-			c, err := a.startCollection(ctx)
-			if err != nil {
-				a.log.Error("cannot watch executed programs", "err", err)
-				a.setLimited(true, "no way to watch executed programs here: "+err.Error())
-			} else {
-				cur = c
-			}
-		case !v.Collecting:
-			stop()
-			a.gate.set(false)
-			if v.State != consent.Participating {
-				a.forget()
-			}
-		}
-		a.onConsentChange()
-		a.statusChanged()
-		for _, ch := range settled {
+	var waiting []chan struct{}
+	answer := func() {
+		for _, ch := range waiting {
 			close(ch)
 		}
-		settled = settled[:0]
+		waiting = waiting[:0]
+	}
+	defer answer()
+	for {
+		v := c.consent.View()
+		if v.Collecting {
+			err := c.runEpoch(ctx, changed, &waiting)
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil {
+				return err
+			}
+			continue // consent changed: apply it
+		}
+		c.mu.Lock()
+		c.chainAt, c.failed, c.skipped = 0, nil, nil
+		c.mu.Unlock()
+		if v.State != consent.Participating {
+			c.forget()
+		}
+		c.consentChanged()
+		c.statusChanged()
+		answer()
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-changed:
-		case ch := <-a.settle:
-			settled = append(settled, ch)
+		case ch := <-c.settle:
+			waiting = append(waiting, ch)
 		}
 	}
 }
@@ -124,10 +149,10 @@ func (a *Agent) collect(ctx context.Context) error {
 // settled waits until the collector has applied the current consent:
 // sources started or stopped, the queue purged after leaving. The local
 // API answers a change only then, so its answer is the truth.
-func (a *Agent) settled(ctx context.Context) {
+func (c *collector) settled(ctx context.Context) {
 	ch := make(chan struct{})
 	select {
-	case a.settle <- ch:
+	case c.settle <- ch:
 	case <-ctx.Done():
 		return
 	}
@@ -137,70 +162,222 @@ func (a *Agent) settled(ctx context.Context) {
 	}
 }
 
-// forget removes everything collected while the person participated: the
-// pending statistics from disk, and (through the uploader) the data the
-// cloud holds. It is idempotent, so it runs at every start too.
-func (a *Agent) forget() {
-	a.deferredMu.Lock()
-	clear(a.deferred)
-	a.deferredMu.Unlock()
-	// Events still buffered for the next commit count too: they would
-	// be committed a moment later otherwise.
-	if !a.queue.Empty() {
-		st := a.queue.Stats()
-		if err := a.queue.Purge(); err != nil {
-			a.log.Error("purge queue", "err", err)
-		} else {
-			a.log.Info("pending statistics deleted", "records", st.Records)
-		}
+// runEpoch starts an epoch, runs it until consent changes or ctx is
+// cancelled, stops it and waits for it. It returns nil when consent
+// changed, ctx.Err() on cancellation, and an error when the exec source
+// failed or none could run.
+func (c *collector) runEpoch(ctx context.Context, changed <-chan struct{}, waiting *[]chan struct{}) error {
+	chain, err := c.chain()
+	if err != nil {
+		return err
 	}
-	a.onForget()
+	ectx, ecancel := context.WithCancelCause(ctx)
+	defer ecancel(errStopping)
+	out := make(chan []execwatch.Event, 64)
+	pipe := newPipeline(c.collectorDeps)
+	pipeDone := make(chan error, 1)
+	go func() { pipeDone <- pipe.run(ectx, out) }()
+
+	var wg sync.WaitGroup
+	srcErr := make(chan error, 2)
+	serve := func(s execwatch.Source) {
+		wg.Go(func() {
+			if err := s.Serve(ectx, out); err != nil && ectx.Err() == nil {
+				srcErr <- fmt.Errorf("the %s source stopped: %w", s.Name(), err)
+			}
+		})
+	}
+	// stop cancels the epoch, lets the sources deliver what the kernel
+	// reported, and waits for the pipeline to identify and commit it (or,
+	// when consent was withdrawn, to discard it).
+	stop := func(cause error) error {
+		ecancel(cause)
+		wg.Wait()
+		close(out)
+		perr := <-pipeDone
+		c.mu.Lock()
+		if c.cur != nil {
+			c.done.add(c.cur.stats())
+			c.cur = nil
+		}
+		c.mu.Unlock()
+		c.statusChanged()
+		return perr
+	}
+
+	src, skipped, err := c.startSource(ectx, chain, out, &wg, srcErr)
+	if err != nil {
+		stop(errStopping)
+		return err
+	}
+	e := &epoch{source: src, pipe: pipe}
+	pipe.watcher, _ = src.(filesystemWatcher)
+	if c.loaded != nil {
+		e.loaded = c.loaded()
+		serve(e.loaded)
+	}
+	c.mu.Lock()
+	c.cur, c.skipped = e, skipped
+	c.mu.Unlock()
+	c.log.Info("collection started", "source", src.Name(), "skipped", skipped)
+	c.consentChanged()
+	c.statusChanged()
+	for _, ch := range *waiting {
+		close(ch)
+	}
+	*waiting = (*waiting)[:0]
+
+	for {
+		select {
+		case <-ctx.Done():
+			stop(errStopping)
+			c.log.Info("collection stopped")
+			return ctx.Err()
+		case err := <-srcErr:
+			c.log.Error("exec source failed; collection restarts with the next source", "err", err)
+			stop(errStopping)
+			c.mu.Lock()
+			c.failed = err
+			c.chainAt = min(c.chainAt+1, len(chain)-1)
+			c.mu.Unlock()
+			return err
+		case err := <-pipeDone:
+			// The pipeline only ends early when the queue is closed.
+			pipeDone <- err
+			stop(errStopping)
+			return fmt.Errorf("statistics pipeline stopped: %w", err)
+		case <-changed:
+		case ch := <-c.settle:
+			*waiting = append(*waiting, ch)
+		}
+		v := c.consent.View()
+		if !v.Collecting {
+			cause := errStopping
+			if v.State != consent.Participating {
+				cause = errWithdrawn
+			}
+			stop(cause)
+			c.log.Info("collection stopped", "participation", v.State, "paused", v.Paused)
+			return nil
+		}
+		for _, ch := range *waiting {
+			close(ch)
+		}
+		*waiting = (*waiting)[:0]
+	}
 }
 
-func (a *Agent) startCollection(ctx context.Context) (*collection, error) {
-	src, err := execwatch.Choose(execwatch.Options{Logger: a.log, Prefer: a.cfg.ExecSource})
-	if err != nil {
-		return nil, err
-	}
-	loaded := execwatch.NewLoaded(execwatch.LoadedOptions{Logger: a.log, Dirs: a.loadDirs()})
-	cctx, cancel := context.WithCancel(ctx)
-	c := &collection{cancel: cancel, done: make(chan struct{}), source: src, loaded: loaded}
-	out := make(chan []execwatch.Event, 64)
-	var wg sync.WaitGroup
-	for _, s := range []execwatch.Source{src, loaded} {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := s.Serve(cctx, out); err != nil && cctx.Err() == nil {
-				a.log.Error("exec source stopped", "source", s.Name(), "err", err)
-				a.setLimited(true, fmt.Sprintf("the %s source stopped: %v", s.Name(), err))
-			}
-		}()
-	}
-	pipeDone := make(chan struct{})
-	go func() {
-		defer close(pipeDone)
-		a.pipeline(cctx, out)
-	}()
-	go func() {
-		wg.Wait()
-		cancel()
-		<-pipeDone
-		close(c.done)
-	}()
-	a.gate.set(true)
-	// The status names the source once it sees every exec.
-	if r, ok := src.(execwatch.Readier); ok {
+// startSource serves the first source of the chain, from chainAt, that
+// gets ready; sources that fail before they are ready are skipped. It
+// returns the source and why better ones were skipped.
+func (c *collector) startSource(ctx context.Context, chain []func(execwatch.Options) execwatch.Source,
+	out chan<- []execwatch.Event, wg *sync.WaitGroup, srcErr chan<- error) (execwatch.Source, []string, error) {
+	c.mu.Lock()
+	from := min(c.chainAt, len(chain)-1)
+	c.mu.Unlock()
+	var skipped []string
+	for _, build := range chain[from:] {
+		s := build(execwatch.Options{Logger: c.log})
+		sctx, scancel := context.WithCancel(ctx)
+		errc := make(chan error, 1)
+		wg.Go(func() {
+			defer scancel()
+			errc <- s.Serve(sctx, out)
+		})
+		timer := time.NewTimer(readyWithin)
 		select {
-		case <-r.Ready():
-		case <-c.done:
-		case <-time.After(5 * time.Second):
-			a.log.Warn("exec source not ready after 5s", "source", src.Name())
+		case <-s.Ready():
+			timer.Stop()
+			// From now on a return is a failure of the running epoch.
+			wg.Go(func() {
+				if err := <-errc; err != nil && ctx.Err() == nil {
+					srcErr <- fmt.Errorf("the %s source stopped: %w", s.Name(), err)
+				}
+			})
+			return s, skipped, nil
+		case err := <-errc:
+			timer.Stop()
+			if ctx.Err() != nil {
+				return nil, skipped, ctx.Err()
+			}
+			c.log.Info("exec source cannot run here", "source", s.Name(), "err", err)
+			skipped = append(skipped, fmt.Sprintf("%s: %v", s.Name(), err))
+		case <-timer.C:
+			scancel()
+			<-errc
+			c.log.Warn("exec source not ready in time", "source", s.Name(), "within", readyWithin)
+			skipped = append(skipped, fmt.Sprintf("%s: not ready within %s", s.Name(), readyWithin))
+		case <-ctx.Done():
+			timer.Stop()
+			scancel()
+			<-errc
+			return nil, skipped, ctx.Err()
 		}
 	}
-	a.setSource(c)
-	a.log.Info("collection started", "source", src.Name(), "loaded_dirs", loaded.Dirs())
-	return c, nil
+	return nil, skipped, fmt.Errorf("no way to watch executed programs here (%s): %w", strings.Join(skipped, "; "), execwatch.ErrUnavailable)
+}
+
+func (s *epochStats) add(o epochStats) {
+	s.seen += o.seen
+	s.lost += o.lost
+	s.missed += o.missed
+	s.unidentified += o.unidentified
+}
+
+func (e *epoch) stats() epochStats {
+	st := e.source.Stats()
+	out := epochStats{seen: st.Events, lost: st.Lost}
+	if e.loaded != nil {
+		l := e.loaded.Stats()
+		out.seen += l.Events
+		out.lost += l.Lost
+	}
+	out.missed, out.unidentified = e.pipe.missed.Load(), e.pipe.unidentified.Load()
+	return out
+}
+
+// collectionStatus is what the status says about collection.
+type collectionStatus struct {
+	source  string
+	stats   epochStats
+	reasons []string
+}
+
+// status reports the running source, the counters since the agent
+// started, and every reason the agent may miss executions. The reasons
+// come from here alone: the source's own limits, why a better source is
+// not running, and what was missed.
+func (c *collector) status() collectionStatus {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	st := collectionStatus{stats: c.done}
+	if c.cur == nil {
+		if c.failed != nil {
+			st.reasons = append(st.reasons, fmt.Sprintf("%v; trying again", c.failed))
+		}
+		return st
+	}
+	st.source = c.cur.source.Name()
+	st.stats.add(c.cur.stats())
+	if limited, why := c.cur.source.Limited(); limited {
+		st.reasons = append(st.reasons, why)
+		if len(c.skipped) > 0 {
+			st.reasons = append(st.reasons, fmt.Sprintf("better sources cannot run here (%s)", strings.Join(c.skipped, "; ")))
+		}
+	}
+	if c.failed != nil {
+		st.reasons = append(st.reasons, fmt.Sprintf("%v, so the %s source is used", c.failed, st.source))
+	}
+	if st.stats.missed > 0 {
+		st.reasons = append(st.reasons, fmt.Sprintf("%d executions were seen but not identified: programs run from memory or from a filesystem of another mount namespace that ended before the agent could look", st.stats.missed))
+	}
+	if st.stats.lost > 0 {
+		st.reasons = append(st.reasons, fmt.Sprintf("%d executions were missed because the agent fell behind", st.stats.lost))
+	}
+	if st.stats.unidentified > 0 {
+		st.reasons = append(st.reasons, fmt.Sprintf("%d executions could not be identified (files changing while read, unreadable or too large)", st.stats.unidentified))
+	}
+	return st
 }
 
 // loadDirs lists the folders where programs arrive: the person's in user
@@ -225,137 +402,19 @@ func (a *Agent) loadDirs() []string {
 	return dirs
 }
 
-// pipeline turns batches of events into queued statistics: identify each
-// file (a cache hit costs an fstat), add it to the queue, and look up the
-// reputation of hashes not seen before. It returns when out is drained
-// after ctx is cancelled.
-func (a *Agent) pipeline(ctx context.Context, out <-chan []execwatch.Event) {
-	for {
-		var batch []execwatch.Event
-		select {
-		case <-ctx.Done():
-			// Close the descriptors of what is still buffered.
-			for {
-				select {
-				case b := <-out:
-					closeAll(b)
-				default:
-					return
-				}
-			}
-		case batch = <-out:
-		}
-		a.gate.with(func() {
-			for _, ev := range batch {
-				a.handle(ev)
-			}
-		})
-		closeAll(batch)
-		a.afterBatch()
-	}
-}
-
-func closeAll(b []execwatch.Event) {
-	for _, ev := range b {
-		if ev.File != nil {
-			ev.File.Close()
+// forget removes everything collected while the person participated: the
+// pending statistics from disk, and (through the uploader) the data the
+// cloud holds. It is idempotent, so it runs at every start too. The
+// collector calls it only once no epoch runs: nothing can be added after.
+func (a *Agent) forget() {
+	if !a.queue.Empty() {
+		st := a.queue.Stats()
+		if err := a.queue.Purge(); err != nil {
+			a.log.Error("purge queue", "err", err)
+		} else {
+			a.log.Info("pending statistics deleted", "records", st.Records)
 		}
 	}
-}
-
-// handle identifies one event's file and queues it; the caller holds the gate.
-func (a *Agent) handle(ev execwatch.Event) {
-	var facts identify.Facts
-	var err error
-	if ev.File != nil {
-		facts, err = a.ident.Identify(ev.File, ev.Path)
-	} else {
-		facts, err = a.ident.IdentifyPath(ev.Path)
-	}
-	switch {
-	case errors.Is(err, identify.ErrDeferred):
-		a.noteDeferred(ev)
-		return
-	case err != nil:
-		a.identifyFailed.Add(1)
-		a.log.Debug("identify", "path", ev.Path, "err", err)
-		return
-	}
-	t := ev.Time
-	if t.IsZero() {
-		t = time.Now()
-	}
-	if err := a.queue.Add(queue.Event{Facts: facts, Exec: !ev.Loaded, Loaded: ev.Loaded, Time: t}); err != nil {
-		a.log.Warn("queue event", "err", err)
-		return
-	}
-	a.newHash(facts)
-}
-
-// noteDeferred remembers an event whose file is hashed in the background.
-func (a *Agent) noteDeferred(ev execwatch.Event) {
-	key := a.anon.Anonymize(ev.Path)
-	a.deferredMu.Lock()
-	defer a.deferredMu.Unlock()
-	d := a.deferred[key]
-	if d == nil {
-		if len(a.deferred) >= maxDeferred {
-			a.identifyFailed.Add(1)
-			return
-		}
-		d = &deferredCounts{at: ev.Time}
-		a.deferred[key] = d
-	}
-	if ev.Loaded {
-		d.loaded = true
-	} else {
-		d.execs++
-	}
-}
-
-// maxDeferred bounds the events waiting for background hashes.
-const maxDeferred = 4096
-
-// deferredDone queues the events of a large file once it is hashed. It
-// runs on the identifier's background worker.
-func (a *Agent) deferredDone(r identify.Result) {
-	a.deferredMu.Lock()
-	d := a.deferred[r.Facts.Path]
-	delete(a.deferred, r.Facts.Path)
-	a.deferredMu.Unlock()
-	if d == nil || r.Err != nil {
-		return
-	}
-	a.gate.with(func() {
-		t := d.at
-		if t.IsZero() {
-			t = time.Now()
-		}
-		for i := 0; i < d.execs; i++ {
-			a.queue.Add(queue.Event{Facts: r.Facts, Exec: true, Time: t})
-		}
-		if d.loaded {
-			a.queue.Add(queue.Event{Facts: r.Facts, Loaded: true, Time: t})
-		}
-		a.newHash(r.Facts)
-	})
-	a.afterBatch()
-}
-
-// setSource records the running collection for the status.
-func (a *Agent) setSource(c *collection) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.running = c
-	a.limited, a.limitedReason = false, ""
-	if c != nil {
-		a.limited, a.limitedReason = c.source.Limited()
-	}
-}
-
-func (a *Agent) setLimited(limited bool, why string) {
-	a.mu.Lock()
-	a.limited, a.limitedReason = limited, why
-	a.mu.Unlock()
-	a.statusChanged()
+	a.runners.clear()
+	a.onForget()
 }

@@ -79,8 +79,20 @@ type AgentInfo struct {
 	Limited       bool      `json:"limited"`
 	LimitedReason string    `json:"limited_reason,omitempty"`
 	Started       time.Time `json:"started"`
-	EventsSeen    uint64    `json:"events_seen"`
-	EventsLost    uint64    `json:"events_lost"`
+	// EventsSeen counts the executions (and loaded files) the exec
+	// sources reported since the agent started.
+	EventsSeen uint64 `json:"events_seen"`
+	// EventsLost counts executions the kernel or the agent dropped
+	// because the agent fell behind.
+	EventsLost uint64 `json:"events_lost"`
+	// EventsMissed counts executions the kernel announced (process
+	// events) that fanotify did not report and that ended before the
+	// agent could identify them: programs run from memory or from a
+	// filesystem of another mount namespace.
+	EventsMissed uint64 `json:"events_missed"`
+	// EventsUnidentified counts executions whose file could not be
+	// identified (changing while read, unreadable, too large).
+	EventsUnidentified uint64 `json:"events_unidentified"`
 }
 
 // QueueInfo describes the local statistics queue.

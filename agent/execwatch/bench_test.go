@@ -35,7 +35,7 @@ func (c *benchConsumer) run(out <-chan []Event) {
 				c.matched.Add(1)
 				c.once.Do(func() { close(c.first) })
 			}
-			closeEvent(ev)
+			ev.Release()
 		}
 	}
 }

@@ -27,6 +27,23 @@ var candidates = []candidate{
 	{"proc-poll", procPollAvailable, func(o Options) Source { return NewProcPoll(o) }},
 }
 
+// Chain returns constructors of the sources to try, from the best to the
+// last resort, or of the one named prefer alone. A collector serves the
+// first; when its Serve fails before Ready (it cannot run here) it moves
+// on to the next at once, and when it fails later, the next start does.
+func Chain(prefer string) ([]func(Options) Source, error) {
+	var out []func(Options) Source
+	for _, c := range candidates {
+		if prefer == "" || c.name == prefer {
+			out = append(out, c.build)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("choose exec source: unknown source %q (known: %v)", prefer, Names())
+	}
+	return out, nil
+}
+
 // Names lists every source name, from the best to the last resort.
 func Names() []string {
 	out := make([]string, len(candidates))

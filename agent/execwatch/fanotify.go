@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,46 +32,84 @@ const (
 // loader and the interpreter of a "#!" script are reported as executions
 // too, each with the PID of the process that executed it.
 //
+// Fanotify cannot see a program executed from memory (memfd_create), nor
+// one on a filesystem mounted in another mount namespace. So beside the
+// fanotify group the source subscribes to the kernel's process events
+// connector and reports every exec it announces as a KindProcess event: the
+// consumer compares them with the fanotify events and identifies what
+// fanotify missed through /proc/PID/exe, and may then mark that
+// filesystem too (WatchFilesystemOf). Without the connector the source
+// says it is limited.
+//
 // The kernel queue is unlimited, so the kernel drops nothing; the source
-// reads in batches and, when the consumer falls behind, holds at most
-// MaxPending events before it drops (and counts) the rest.
+// reads in batches and, while the consumer falls behind, holds at most
+// MaxPending events and leaves the rest in the kernel.
 type Fanotify struct {
-	log        *slog.Logger
-	window     time.Duration
-	maxPending int
-	mountinfo  string
+	log         *slog.Logger
+	window      time.Duration
+	maxPending  int
+	mountinfo   string
+	noConnector bool
 
 	serving atomic.Bool
 	c       counters
+	ready   chan struct{}
+	once    sync.Once // closes ready
 
-	ready     chan struct{} // closed once the first Serve has set its marks
-	readyOnce sync.Once
+	mu      sync.Mutex // protects fd and limited
+	fd      int        // the fanotify group while serving, else -1
+	limited string
 }
 
 // NewFanotify returns the fanotify source; Serve reports whether the
 // kernel and the privileges allow it.
 func NewFanotify(opts Options) *Fanotify {
 	return &Fanotify{
-		log:        orDiscard(opts.Logger).With("source", "fanotify"),
-		window:     opts.batchWindow(),
-		maxPending: opts.maxPending(),
-		mountinfo:  mountinfoPath,
-		ready:      make(chan struct{}),
+		log:         orDiscard(opts.Logger).With("source", "fanotify"),
+		window:      opts.batchWindow(),
+		maxPending:  opts.maxPending(),
+		mountinfo:   mountinfoPath,
+		noConnector: opts.NoConnector,
+		ready:       make(chan struct{}),
+		fd:          -1,
 	}
 }
 
-// Ready implements Readier: the channel is closed once every filesystem
-// is marked, so every exec from then on is seen.
+// Ready implements Source: the channel is closed once every filesystem
+// is marked and the connector's subscription is proved (or found
+// missing), so every exec from then on is seen or accounted for.
 func (s *Fanotify) Ready() <-chan struct{} { return s.ready }
 
 // Name implements Source.
 func (s *Fanotify) Name() string { return "fanotify" }
 
-// Limited implements Source: fanotify sees every exec.
-func (s *Fanotify) Limited() (bool, string) { return false, "" }
+// Limited implements Source: fanotify with the connector beside it sees
+// every exec; without the connector, programs run from memory or from
+// other mount namespaces' filesystems are missed.
+func (s *Fanotify) Limited() (bool, string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.limited != "", s.limited
+}
 
 // Stats implements Source.
 func (s *Fanotify) Stats() Stats { return s.c.stats() }
+
+// WatchFilesystemOf marks the filesystem of the open file fd (one that
+// fanotify missed, found through /proc/PID/exe), so its later executions
+// are reported. It fails for filesystems that cannot be marked (the
+// kernel's internal one behind memfd_create) and when not serving.
+func (s *Fanotify) WatchFilesystemOf(fd int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fd < 0 {
+		return errors.New("watch filesystem: source not serving")
+	}
+	if err := unix.FanotifyMark(s.fd, unix.FAN_MARK_ADD|unix.FAN_MARK_FILESYSTEM, unix.FAN_OPEN_EXEC, fd, ""); err != nil {
+		return fmt.Errorf("watch filesystem: %w", err)
+	}
+	return nil
+}
 
 // Serve implements Source.
 func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
@@ -101,82 +138,135 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 	if s.mark(fd, marked) == 0 {
 		return fmt.Errorf("mark filesystems: %w", errNoMarks)
 	}
-	s.log.Info("watching executions", "filesystems", len(marked))
-	s.readyOnce.Do(func() { close(s.ready) })
+	s.mu.Lock()
+	s.fd = fd
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		s.fd = -1
+		s.mu.Unlock()
+	}()
 
-	self := os.Getpid()
-	return serveFanotify(ctx, w, out, fanLoop{
-		fd:      fd,
-		mountFD: mfd,
-		onMounts: func() {
-			n := s.mark(fd, marked)
-			s.log.Debug("mounts changed", "filesystems", n)
-		},
-		parse: func(b []byte, now time.Time, d *deliverer) {
-			parseFanotify(b, self, now, d, s.log)
-		},
-		window:     s.window,
-		maxPending: s.maxPending,
-		c:          &s.c,
-		log:        s.log,
-	})
-}
+	self := int32(os.Getpid())
+	d := &deliverer{out: out, max: s.maxPending, c: &s.c, log: s.log}
+	now := time.Now()
+	var conn *connector
+	if s.noConnector {
+		s.setLimited("programs run from memory, or from filesystems mounted in other mount namespaces, are not seen (the process events connector is turned off)")
+	} else {
+		onExec := func(tgid int32) {
+			if tgid != self {
+				d.add(Event{FD: -1, PID: tgid, UID: UIDUnknown, Time: now, Kind: KindProcess})
+			}
+		}
+		conn, err = dialConnector(ctx, s.log, onExec)
+		if err != nil {
+			s.log.Warn("executions fanotify cannot see will be missed", "err", err)
+			s.setLimited(fmt.Sprintf("programs run from memory, or from filesystems mounted in other mount namespaces, are not seen (%v)", err))
+		} else {
+			defer conn.close()
+			s.setLimited("")
+		}
+	}
+	s.log.Info("watching executions", "filesystems", len(marked), "connector", conn != nil)
+	s.once.Do(func() { close(s.ready) })
 
-// fanLoop is what the read loop of a fanotify group needs.
-type fanLoop struct {
-	fd         int
-	mountFD    int    // -1: no mount watching
-	onMounts   func() // called when the mount table changed
-	parse      func(b []byte, now time.Time, d *deliverer)
-	window     time.Duration
-	maxPending int
-	c          *counters
-	log        *slog.Logger
-}
-
-// serveFanotify waits for events, lets them gather for the batch window,
-// reads them all and hands them over, until the waker fires.
-func serveFanotify(ctx context.Context, w *waker, out chan<- []Event, l fanLoop) error {
-	d := &deliverer{out: out, max: l.maxPending, c: l.c, log: l.log}
-	defer d.discard()
 	fds := []unix.PollFd{
 		{Fd: int32(w.fd), Events: unix.POLLIN},
-		{Fd: int32(l.fd), Events: unix.POLLIN},
+		{Fd: int32(fd), Events: unix.POLLIN},
+		{Fd: int32(mfd), Events: unix.POLLPRI},
 	}
-	if l.mountFD >= 0 {
-		fds = append(fds, unix.PollFd{Fd: int32(l.mountFD), Events: unix.POLLPRI})
+	if conn != nil {
+		fds = append(fds, unix.PollFd{Fd: int32(conn.fd), Events: unix.POLLIN})
 	}
 	buf := make([]byte, readBufSize)
+	win := adaptive{max: s.window}
+	read := func() error {
+		now = time.Now()
+		if conn != nil {
+			// The connector first: fanotify reports an exec when the file
+			// is opened, before the connector does, so the fanotify event
+			// of every KindProcess event read here is read just after.
+			if _, err := conn.read(func(what uint32, _, tgid int32) {
+				if what == procEventExec {
+					d.add(Event{FD: -1, PID: tgid, UID: UIDUnknown, Time: now, Kind: KindProcess})
+				}
+			}); err != nil {
+				if !errors.Is(err, unix.ENOBUFS) {
+					return fmt.Errorf("read process events: %w", err)
+				}
+				s.c.lost.Add(1)
+				s.log.Warn("process events lost: receive buffer overflowed")
+			}
+		}
+		n, empty := readFanotify(fd, buf, self, now, d, &s.c, s.log)
+		if n > 0 {
+			win.last = now
+		}
+		if conn != nil && empty && d.room() > 0 {
+			d.add(Event{FD: -1, Time: now, Kind: KindCheckpoint})
+		}
+		return nil
+	}
 	for {
+		d.flush()
+		// While the consumer is behind and the pending batch is full, the
+		// kernel keeps the events.
+		fds[1].Fd = int32(fd)
 		timeout := time.Duration(-1)
 		if d.hasPending() {
-			timeout = retryDelay(l.window)
+			timeout = retryDelay(s.window)
+			if d.room() <= 0 {
+				fds[1].Fd = -1
+			}
 		}
 		if _, err := pollFor(fds, timeout); err != nil {
+			d.discard()
 			return err
 		}
-		if fds[0].Revents != 0 {
+		cancelled := fds[0].Revents != 0
+		if fds[2].Revents&(unix.POLLPRI|unix.POLLERR) != 0 {
+			s.remark(fd, marked)
+		}
+		events := fds[1].Revents != 0 || (len(fds) > 3 && fds[3].Revents != 0)
+		if !cancelled && events {
+			cancelled = sleepCtx(ctx, win.window(time.Now()))
+		}
+		if err := read(); err != nil {
+			d.discard()
+			return err
+		}
+		if cancelled {
+			// Deliver what the kernel reported up to now, waiting for the
+			// consumer, then stop.
+			deadline := time.Now().Add(drainLimit)
+			for {
+				d.deliver()
+				if err := read(); err != nil {
+					d.discard()
+					return err
+				}
+				if !d.hasPending() || time.Now().After(deadline) {
+					break
+				}
+			}
+			d.deliver()
 			return ctx.Err()
 		}
-		if len(fds) > 2 && fds[2].Revents&(unix.POLLPRI|unix.POLLERR) != 0 {
-			l.onMounts()
-		}
-		if fds[1].Revents != 0 {
-			if cancelled, err := sleepUnlessCancelled(w, l.window); err != nil {
-				return err
-			} else if cancelled {
-				return ctx.Err()
-			}
-			drainFanotify(l, buf, d)
-		}
-		d.flush()
 	}
 }
 
-// retryDelay is how long a loop holding undelivered events waits before it
-// offers them again.
-func retryDelay(window time.Duration) time.Duration {
-	return max(window, 10*time.Millisecond)
+func (s *Fanotify) setLimited(why string) {
+	s.mu.Lock()
+	s.limited = why
+	s.mu.Unlock()
+}
+
+func (s *Fanotify) remark(fd int, marked map[string]string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := s.mark(fd, marked)
+	s.log.Debug("mounts changed", "filesystems", n)
 }
 
 // mark adds a filesystem mark for every watchable filesystem in mountinfo
@@ -211,44 +301,53 @@ func (s *Fanotify) mark(fd int, marked map[string]string) int {
 	return len(marked)
 }
 
-// drainFanotify reads the fanotify queue until it is empty.
-func drainFanotify(l fanLoop, buf []byte, d *deliverer) {
-	now := time.Now()
+// readFanotify reads the fanotify queue until it is empty or d is full,
+// and returns the number of events read and whether the queue was found
+// empty. Only as many events are read as d has room for: the rest stay
+// in the kernel's queue.
+func readFanotify(fd int, buf []byte, self int32, now time.Time, d *deliverer, c *counters, log *slog.Logger) (int, bool) {
+	n := 0
 	for {
-		n, err := unix.Read(l.fd, buf)
+		room := d.room()
+		if room <= 0 {
+			return n, false
+		}
+		m, err := unix.Read(fd, buf[:min(len(buf), room*fanMetaLen)])
 		switch {
 		case err == unix.EINTR:
 			continue
 		case err == unix.EAGAIN:
-			return
+			return n, true
 		case err != nil:
 			// The kernel could not open the file (EMFILE, ENFILE, …) and
 			// dropped that event.
-			l.c.lost.Add(1)
-			l.log.Warn("cannot read exec event", "err", err)
-			return
-		case n == 0:
-			return
+			c.lost.Add(1)
+			log.Warn("cannot read exec event", "err", err)
+			return n, false
+		case m == 0:
+			return n, true
 		}
-		l.parse(buf[:n], now, d)
+		n += parseFanotify(buf[:m], self, now, d, log)
 	}
 }
 
 // parseFanotify turns a buffer of fanotify events (each with a descriptor)
-// into Events on d. Queue overflows count as lost; events of our own
-// process are dropped.
-func parseFanotify(b []byte, self int, now time.Time, d *deliverer, log *slog.Logger) {
+// into Events on d and returns how many it read. Queue overflows count as
+// lost; events of our own process are dropped.
+func parseFanotify(b []byte, self int32, now time.Time, d *deliverer, log *slog.Logger) int {
+	n := 0
 	for len(b) >= fanMetaLen {
 		evLen := binary.NativeEndian.Uint32(b[0:])
 		vers := b[4]
 		mask := binary.NativeEndian.Uint64(b[8:])
 		fd := int(int32(binary.NativeEndian.Uint32(b[16:])))
-		pid := int(int32(binary.NativeEndian.Uint32(b[20:])))
+		pid := int32(binary.NativeEndian.Uint32(b[20:]))
 		if evLen < fanMetaLen || int(evLen) > len(b) {
 			log.Warn("malformed exec event", "len", evLen)
-			return
+			return n
 		}
 		b = b[evLen:]
+		n++
 		switch {
 		case vers != unix.FANOTIFY_METADATA_VERSION:
 			if fd >= 0 {
@@ -264,18 +363,8 @@ func parseFanotify(b []byte, self int, now time.Time, d *deliverer, log *slog.Lo
 		case pid == self:
 			unix.Close(fd)
 		default:
-			path := fdPath(fd)
-			d.add(Event{File: os.NewFile(uintptr(fd), path), Path: path, PID: pid, Time: now})
+			d.add(Event{FD: fd, PID: pid, UID: UIDUnknown, Time: now, Kind: KindExec})
 		}
 	}
-}
-
-// fdPath is the path the kernel gives for an open descriptor, "" if none.
-func fdPath(fd int) string {
-	var buf [unix.PathMax]byte
-	n, err := unix.Readlink("/proc/self/fd/"+strconv.Itoa(fd), buf[:])
-	if err != nil {
-		return ""
-	}
-	return string(buf[:n])
+	return n
 }

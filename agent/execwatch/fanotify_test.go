@@ -44,15 +44,15 @@ func TestFanotifyReportsEachExec(t *testing.T) {
 		if !sameFile(ev, st) {
 			return false
 		}
-		content, err := io.ReadAll(io.NewSectionReader(ev.File, 0, 1<<20))
+		content, err := io.ReadAll(io.NewSectionReader(fdReaderAt(ev.FD), 0, 1<<20))
 		if err != nil || !bytes.Equal(content, want) {
 			t.Errorf("event file content differs from the executed program (err %v)", err)
 		}
-		if !slices.Contains(pids, ev.PID) {
+		if !slices.Contains(pids, int(ev.PID)) {
 			t.Errorf("event PID %d is none of the spawned %v", ev.PID, pids)
 		}
-		if ev.Path != bin {
-			t.Errorf("event path %q, want %q", ev.Path, bin)
+		if p := FDPath(ev.FD); p != bin || ev.Path != "" {
+			t.Errorf("event path %q (descriptor's %q), want %q through the descriptor", ev.Path, p, bin)
 		}
 		return true
 	})
@@ -105,7 +105,7 @@ func TestFanotifyReportsScriptAndInterpreter(t *testing.T) {
 	pid := cmd.ProcessState.Pid()
 	var sawScript, sawShell bool
 	r.collect(t, 2, 10*time.Second, func(ev Event) bool {
-		if ev.PID != pid {
+		if int(ev.PID) != pid {
 			return false
 		}
 		switch {
@@ -186,7 +186,7 @@ func TestFanotifyWatchesNewMounts(t *testing.T) {
 }
 
 func TestParseFanotify(t *testing.T) {
-	self := os.Getpid()
+	self := int32(os.Getpid())
 	devNull := func(t *testing.T) int {
 		fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
@@ -213,7 +213,7 @@ func TestParseFanotify(t *testing.T) {
 		wantFDClosed bool
 	}{
 		{"exec by another process", func(fd int) []byte { return event(unix.FAN_OPEN_EXEC, fd, 1, v) }, 1, 0, false},
-		{"exec by ourselves is dropped", func(fd int) []byte { return event(unix.FAN_OPEN_EXEC, fd, self, v) }, 0, 0, true},
+		{"exec by ourselves is dropped", func(fd int) []byte { return event(unix.FAN_OPEN_EXEC, fd, int(self), v) }, 0, 0, true},
 		{"queue overflow counts as lost", func(fd int) []byte {
 			unix.Close(fd)
 			return event(unix.FAN_Q_OVERFLOW, unix.FAN_NOFD, -1, v)
@@ -238,7 +238,7 @@ func TestParseFanotify(t *testing.T) {
 				t.Errorf("lost %d, want %d", got, tc.wantLost)
 			}
 			for _, ev := range d.pending {
-				if ev.File == nil || ev.Path != "/dev/null" {
+				if ev.FD < 0 || FDPath(ev.FD) != "/dev/null" {
 					t.Errorf("event %+v lacks file or path", ev)
 				}
 			}

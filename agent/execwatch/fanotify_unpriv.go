@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -41,6 +42,8 @@ type FanotifyUnprivileged struct {
 
 	serving atomic.Bool
 	c       counters
+	ready   chan struct{}
+	once    sync.Once // closes ready
 }
 
 // NewFanotifyUnprivileged returns the unprivileged fanotify source.
@@ -55,8 +58,12 @@ func NewFanotifyUnprivileged(opts Options) *FanotifyUnprivileged {
 		maxPending: opts.maxPending(),
 		home:       home,
 		dirs:       opts.Dirs,
+		ready:      make(chan struct{}),
 	}
 }
+
+// Ready implements Source: closed once the directories are marked.
+func (s *FanotifyUnprivileged) Ready() <-chan struct{} { return s.ready }
 
 // Name implements Source.
 func (s *FanotifyUnprivileged) Name() string { return "fanotify-unprivileged" }
@@ -138,19 +145,56 @@ func (s *FanotifyUnprivileged) Serve(ctx context.Context, out chan<- []Event) er
 		return fmt.Errorf("mark directories: %w", errNoMarks)
 	}
 	s.log.Info("watching executions", "directories", len(byHandle))
+	s.once.Do(func() { close(s.ready) })
 
-	self := os.Getpid()
-	return serveFanotify(ctx, w, out, fanLoop{
-		fd:      fd,
-		mountFD: -1,
-		parse: func(b []byte, now time.Time, d *deliverer) {
-			parseFanotifyDFID(b, self, byHandle, now, d, s.log)
-		},
-		window:     s.window,
-		maxPending: s.maxPending,
-		c:          &s.c,
-		log:        s.log,
-	})
+	self := int32(os.Getpid())
+	d := &deliverer{out: out, max: s.maxPending, c: &s.c, log: s.log}
+	fds := []unix.PollFd{
+		{Fd: int32(w.fd), Events: unix.POLLIN},
+		{Fd: int32(fd), Events: unix.POLLIN},
+	}
+	buf := make([]byte, readBufSize)
+	win := adaptive{max: s.window}
+	read := func() {
+		now := time.Now()
+		for {
+			n, err := unix.Read(fd, buf)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || n <= 0 {
+				if err != nil && err != unix.EAGAIN {
+					s.c.lost.Add(1)
+					s.log.Warn("cannot read exec event", "err", err)
+				}
+				return
+			}
+			win.last = now
+			parseFanotifyDFID(buf[:n], self, byHandle, now, d, s.log)
+		}
+	}
+	for {
+		d.flush()
+		timeout := time.Duration(-1)
+		if d.hasPending() {
+			timeout = retryDelay(s.window)
+		}
+		if _, err := pollFor(fds, timeout); err != nil {
+			d.discard()
+			return err
+		}
+		cancelled := fds[0].Revents != 0
+		if !cancelled && fds[1].Revents != 0 {
+			cancelled = sleepCtx(ctx, win.window(time.Now()))
+		}
+		read()
+		if cancelled {
+			d.deliver()
+			read()
+			d.deliver()
+			return ctx.Err()
+		}
+	}
 }
 
 // dirKey is how fanotify identifies a directory in its events: the
@@ -180,14 +224,14 @@ func fidKey(fsid [2]int32, typ int32, handle []byte) string {
 
 // parseFanotifyDFID turns fanotify events that carry a directory handle
 // and a name into Events with a Path.
-func parseFanotifyDFID(b []byte, self int, dirs map[string]string, now time.Time, d *deliverer, log *slog.Logger) {
+func parseFanotifyDFID(b []byte, self int32, dirs map[string]string, now time.Time, d *deliverer, log *slog.Logger) {
 	for len(b) >= fanMetaLen {
 		evLen := binary.NativeEndian.Uint32(b[0:])
 		vers := b[4]
 		metaLen := binary.NativeEndian.Uint16(b[6:])
 		mask := binary.NativeEndian.Uint64(b[8:])
 		fd := int(int32(binary.NativeEndian.Uint32(b[16:])))
-		pid := int(int32(binary.NativeEndian.Uint32(b[20:])))
+		pid := int32(binary.NativeEndian.Uint32(b[20:]))
 		if evLen < fanMetaLen || int(evLen) > len(b) || metaLen < fanMetaLen || uint32(metaLen) > evLen {
 			log.Warn("malformed exec event", "len", evLen)
 			return
@@ -215,7 +259,7 @@ func parseFanotifyDFID(b []byte, self int, dirs map[string]string, now time.Time
 			log.Warn("exec event names an unknown directory")
 			continue
 		}
-		d.add(Event{Path: path, PID: pid, Time: now})
+		d.add(Event{FD: -1, Path: path, PID: pid, UID: UIDUnknown, Time: now, Kind: KindExec})
 	}
 }
 

@@ -42,7 +42,7 @@ func maybeUnprivilegedChild() {
 		select {
 		case b := <-out:
 			for _, ev := range b {
-				enc.Encode(childEvent{Path: ev.Path, PID: ev.PID, HasFile: ev.File != nil})
+				enc.Encode(childEvent{Path: ev.Path, PID: int(ev.PID), HasFile: ev.FD >= 0})
 			}
 		case err := <-errc:
 			if err != context.Canceled {
@@ -95,7 +95,7 @@ func TestFanotifyUnprivileged(t *testing.T) {
 		go func() {
 			for b := range r.out {
 				for _, ev := range b {
-					events <- childEvent{Path: ev.Path, PID: ev.PID, HasFile: ev.File != nil}
+					events <- childEvent{Path: ev.Path, PID: int(ev.PID), HasFile: ev.FD >= 0}
 				}
 			}
 		}()
@@ -118,7 +118,7 @@ func TestFanotifyUnprivileged(t *testing.T) {
 			if ev.Path != bin {
 				continue
 			}
-			if ev.PID != 0 && !slices.Contains(pids, ev.PID) {
+			if ev.PID != 0 && !slices.Contains(pids, int(ev.PID)) {
 				t.Errorf("event PID %d is neither 0 nor one of %v", ev.PID, pids)
 			}
 			got++
@@ -262,7 +262,7 @@ func TestParseFanotifyDFID(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var c counters
 			d := &deliverer{max: 10, c: &c, log: orDiscard(nil)}
-			parseFanotifyDFID(tc.buf, os.Getpid(), dirs, time.Now(), d, d.log)
+			parseFanotifyDFID(tc.buf, int32(os.Getpid()), dirs, time.Now(), d, d.log)
 			var got string
 			if len(d.pending) == 1 {
 				got = d.pending[0].Path

@@ -8,11 +8,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,6 +62,8 @@ type Loaded struct {
 
 	serving atomic.Bool
 	c       counters
+	ready   chan struct{}
+	once    sync.Once // closes ready
 }
 
 // NewLoaded returns the loaded-programs watcher.
@@ -96,8 +98,12 @@ func NewLoaded(opts LoadedOptions) *Loaded {
 		dirs:       clean,
 		quiet:      quiet,
 		maxPending: maxPending,
+		ready:      make(chan struct{}),
 	}
 }
+
+// Ready implements Source: closed once the folders are watched.
+func (l *Loaded) Ready() <-chan struct{} { return l.ready }
 
 // Name implements Source.
 func (l *Loaded) Name() string { return "loaded" }
@@ -237,11 +243,13 @@ func (l *Loaded) Serve(ctx context.Context, out chan<- []Event) error {
 	}
 	s.reconcile(false)
 	l.log.Info("watching for loaded programs", "dirs", l.dirs)
+	l.once.Do(func() { close(l.ready) })
 
 	var retry <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
+			s.d.deliver()
 			return ctx.Err()
 		case ev, ok := <-w.Events:
 			if !ok {
@@ -388,27 +396,22 @@ func (s *loadedState) examine(path string) bool {
 		unix.Close(fd)
 		return false
 	}
-	f := os.NewFile(uintptr(fd), path)
 	var magic [4]byte
-	n, _ := io.ReadFull(f, magic[:])
-	if !isProgram(magic[:n]) {
-		f.Close()
+	n, _ := unix.Pread(fd, magic[:], 0)
+	if !isProgram(magic[:max(n, 0)]) {
+		unix.Close(fd)
 		return false
 	}
 	id := fileID{dev: st.Dev, ino: st.Ino, size: st.Size, mtime: st.Mtim.Nano(), mode: st.Mode}
 	if prev, ok := s.reported[path]; ok && prev == id {
-		f.Close()
-		return false
-	}
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		f.Close()
+		unix.Close(fd)
 		return false
 	}
 	if len(s.reported) >= 4*s.l.maxPending {
 		clear(s.reported) // bounded memory; at worst a file is reported twice
 	}
 	s.reported[path] = id
-	s.d.add(Event{File: f, Path: path, Time: time.Now(), Loaded: true})
+	s.d.add(Event{FD: fd, Path: path, UID: st.Uid, Time: time.Now(), Kind: KindLoaded})
 	return true
 }
 

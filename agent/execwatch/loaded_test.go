@@ -88,7 +88,7 @@ func TestLoaded(t *testing.T) {
 				}
 			}
 			got := r.quiet(t, 4*quiet, func(ev Event) bool {
-				if ev.Path != path || !ev.Loaded || ev.File == nil {
+				if ev.Path != path || ev.Kind != KindLoaded || ev.FD < 0 {
 					t.Errorf("unexpected event %+v", ev)
 					return false
 				}

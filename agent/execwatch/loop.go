@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -13,14 +14,23 @@ import (
 
 // Defaults shared by the kernel sources.
 const (
-	// DefaultBatchWindow is how long a source waits after a wake-up before
-	// reading, so that one wake-up serves many events.
-	DefaultBatchWindow = 50 * time.Millisecond
+	// DefaultBatchWindow is the longest a source waits after a wake-up
+	// before reading, so that one wake-up serves many events. The window
+	// adapts (see window): short after a quiet spell, so a lone program is
+	// looked at while it still runs, this long under a steady stream.
+	DefaultBatchWindow = 100 * time.Millisecond
+	// minBatchWindow is the window after a quiet spell.
+	minBatchWindow = 2 * time.Millisecond
+	// quietSpell is how long without events makes the next window short.
+	quietSpell = time.Second
 	// DefaultMaxPending bounds the events a source holds while the consumer
 	// is not taking them. Each pending fanotify event holds a descriptor.
 	DefaultMaxPending = 4096
 	// readBufSize is the size of one read of a fanotify or netlink socket.
 	readBufSize = 64 << 10
+	// drainLimit bounds the final read at a stop, so that a machine that
+	// keeps executing programs cannot hold the stop forever.
+	drainLimit = 2 * time.Second
 )
 
 var errBusy = errors.New("source is already serving")
@@ -88,21 +98,44 @@ func pollFor(fds []unix.PollFd, timeout time.Duration) (bool, error) {
 	}
 }
 
-// sleepUnlessCancelled waits for d, or less if the waker fires. It reports
-// whether the context was cancelled.
-func sleepUnlessCancelled(w *waker, d time.Duration) (bool, error) {
+// sleepCtx waits for d or until ctx is cancelled, on a runtime timer (no
+// thread blocks in a system call). It reports whether ctx was cancelled.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
 	if d <= 0 {
-		return false, nil
+		return ctx.Err() != nil
 	}
-	fds := []unix.PollFd{{Fd: int32(w.fd), Events: unix.POLLIN}}
-	ready, err := pollFor(fds, d)
-	return ready, err
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+// adaptive is the batch window of a reading loop: the longest wait under
+// a steady stream of events, a short one after a quiet spell.
+type adaptive struct {
+	max  time.Duration
+	last time.Time // when events were last read
+}
+
+func (a *adaptive) window(now time.Time) time.Duration {
+	if a.max <= 0 {
+		return 0
+	}
+	if now.Sub(a.last) > quietSpell {
+		return min(a.max, minBatchWindow)
+	}
+	return a.max
 }
 
 // deliverer hands batches to the consumer without ever blocking the read
 // loop. Events the consumer does not take wait in a bounded pending batch;
-// beyond the bound they are dropped (their descriptors closed) and counted
-// as lost.
+// a loop that can leave events in the kernel stops reading when full
+// (room reports it), the others drop beyond the bound, release the
+// descriptors and count the events as lost.
 type deliverer struct {
 	out     chan<- []Event
 	pending []Event
@@ -114,7 +147,7 @@ type deliverer struct {
 
 func (d *deliverer) add(ev Event) {
 	if len(d.pending) >= d.max {
-		closeEvent(ev)
+		ev.Release()
 		d.c.lost.Add(1)
 		d.dropped++
 		return
@@ -122,16 +155,18 @@ func (d *deliverer) add(ev Event) {
 	d.pending = append(d.pending, ev)
 }
 
+// room is how many more events add keeps.
+func (d *deliverer) room() int { return d.max - len(d.pending) }
+
 // flush tries to hand the pending batch over; it never blocks.
 func (d *deliverer) flush() {
-	if len(d.pending) == 0 {
-		return
-	}
-	select {
-	case d.out <- d.pending:
-		d.c.events.Add(uint64(len(d.pending)))
-		d.pending = nil
-	default:
+	if len(d.pending) > 0 {
+		select {
+		case d.out <- d.pending:
+			d.c.events.Add(uint64(len(d.pending)))
+			d.pending = nil
+		default:
+		}
 	}
 	if d.dropped > 0 {
 		d.log.Warn("consumer too slow, events dropped", "dropped", d.dropped, "pending", len(d.pending))
@@ -139,21 +174,44 @@ func (d *deliverer) flush() {
 	}
 }
 
+// deliver hands the pending batch over, waiting for the consumer: only at
+// a stop, when the consumer reads until every source has returned.
+func (d *deliverer) deliver() {
+	if len(d.pending) == 0 {
+		return
+	}
+	d.out <- d.pending
+	d.c.events.Add(uint64(len(d.pending)))
+	d.pending = nil
+}
+
 func (d *deliverer) hasPending() bool { return len(d.pending) > 0 }
 
 // discard releases what was never delivered, counting it as lost.
 func (d *deliverer) discard() {
-	for _, ev := range d.pending {
-		closeEvent(ev)
+	for i := range d.pending {
+		d.pending[i].Release()
 	}
 	d.c.lost.Add(uint64(len(d.pending)))
 	d.pending = nil
 }
 
-func closeEvent(ev Event) {
-	if ev.File != nil {
-		ev.File.Close()
+// retryDelay is how long a loop holding undelivered events waits before it
+// offers them again.
+func retryDelay(window time.Duration) time.Duration {
+	return max(window, 10*time.Millisecond)
+}
+
+// FDPath is the path the kernel gives for an open descriptor, "" if none.
+// Fanotify events carry none: the consumer asks only for files it has not
+// identified before.
+func FDPath(fd int) string {
+	var buf [unix.PathMax]byte
+	n, err := unix.Readlink("/proc/self/fd/"+strconv.Itoa(fd), buf[:])
+	if err != nil {
+		return ""
 	}
+	return string(buf[:n])
 }
 
 func orDiscard(l *slog.Logger) *slog.Logger {

@@ -2,6 +2,7 @@ package execwatch
 
 import (
 	"context"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -108,7 +109,8 @@ func start(t testing.TB, src Source) *running {
 	return r
 }
 
-// stop cancels the source, waits for Serve and closes what is left in out.
+// stop cancels the source and waits for Serve, reading and releasing what
+// it delivers meanwhile, as a consumer must.
 func (r *running) stop(t testing.TB) error {
 	t.Helper()
 	if r.cancel == nil {
@@ -116,20 +118,26 @@ func (r *running) stop(t testing.TB) error {
 	}
 	r.cancel()
 	r.cancel = nil
-	var err error
-	select {
-	case err = <-r.done:
-	case <-time.After(10 * time.Second):
-		t.Fatalf("%s: Serve did not return after cancel", r.src.Name())
-	}
+	deadline := time.After(10 * time.Second)
 	for {
 		select {
+		case err := <-r.done:
+			for {
+				select {
+				case b := <-r.out:
+					for _, ev := range b {
+						ev.Release()
+					}
+				default:
+					return err
+				}
+			}
 		case b := <-r.out:
 			for _, ev := range b {
-				closeEvent(ev)
+				ev.Release()
 			}
-		default:
-			return err
+		case <-deadline:
+			t.Fatalf("%s: Serve did not return after cancel", r.src.Name())
 		}
 	}
 }
@@ -147,7 +155,7 @@ func (r *running) collect(t testing.TB, want int, timeout time.Duration, match f
 				if match(ev) {
 					got = append(got, ev)
 				}
-				closeEvent(ev)
+				ev.Release()
 			}
 		case err := <-r.done:
 			t.Fatalf("%s: Serve returned early: %v", r.src.Name(), err)
@@ -165,11 +173,11 @@ func (r *running) quiet(t testing.TB, d time.Duration, match func(Event) bool) [
 }
 
 func sameFile(ev Event, st *unix.Stat_t) bool {
-	if ev.File == nil {
+	if ev.FD < 0 {
 		return false
 	}
 	var est unix.Stat_t
-	if err := unix.Fstat(int(ev.File.Fd()), &est); err != nil {
+	if err := unix.Fstat(ev.FD, &est); err != nil {
 		return false
 	}
 	return est.Dev == st.Dev && est.Ino == st.Ino
@@ -182,4 +190,18 @@ func statPath(t testing.TB, path string) *unix.Stat_t {
 		t.Fatalf("stat %s: %v", path, err)
 	}
 	return &st
+}
+
+// fdReaderAt reads a raw descriptor with pread.
+type fdReaderAt int
+
+func (r fdReaderAt) ReadAt(b []byte, off int64) (int, error) {
+	n, err := unix.Pread(int(r), b, off)
+	if err != nil {
+		return max(n, 0), err
+	}
+	if n < len(b) {
+		return n, io.EOF
+	}
+	return n, nil
 }

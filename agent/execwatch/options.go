@@ -12,13 +12,16 @@ type Options struct {
 	// Prefer forces Choose to pick the source with this name (see
 	// Source.Name), or fail when it is not available. Empty picks the best.
 	Prefer string
-	// BatchWindow is how long a kernel source waits after a wake-up before
-	// reading, so one wake-up serves many events. Zero means
+	// BatchWindow is the longest a kernel source waits after a wake-up
+	// before reading, so one wake-up serves many events. Zero means
 	// DefaultBatchWindow; negative means no wait.
 	BatchWindow time.Duration
 	// MaxPending bounds the events held while the consumer is not taking
 	// them; zero means DefaultMaxPending.
 	MaxPending int
+	// NoConnector keeps the fanotify source from subscribing to the
+	// process events connector beside it (tests, measurements).
+	NoConnector bool
 	// Home is the home directory of the person whose ~/.local/bin the
 	// unprivileged fanotify source watches; empty means $HOME.
 	Home string

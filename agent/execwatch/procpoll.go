@@ -6,6 +6,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -27,6 +28,8 @@ type ProcPoll struct {
 
 	serving atomic.Bool
 	c       counters
+	ready   chan struct{}
+	once    sync.Once // closes ready
 }
 
 // NewProcPoll returns the /proc polling source.
@@ -40,8 +43,12 @@ func NewProcPoll(opts Options) *ProcPoll {
 		interval:   iv,
 		maxPending: opts.maxPending(),
 		proc:       "/proc",
+		ready:      make(chan struct{}),
 	}
 }
+
+// Ready implements Source: closed once the first scan is done.
+func (s *ProcPoll) Ready() <-chan struct{} { return s.ready }
 
 // Name implements Source.
 func (s *ProcPoll) Name() string { return "proc-poll" }
@@ -75,11 +82,15 @@ func (s *ProcPoll) Serve(ctx context.Context, out chan<- []Event) error {
 	self := os.Getpid()
 	t := time.NewTicker(s.interval)
 	defer t.Stop()
-	for {
+	for first := true; ; first = false {
 		s.scan(seen, self, d)
+		if first {
+			s.once.Do(func() { close(s.ready) })
+		}
 		d.flush()
 		select {
 		case <-ctx.Done():
+			d.deliver()
 			return ctx.Err()
 		case <-t.C:
 		}
@@ -109,7 +120,7 @@ func (s *ProcPoll) scan(seen map[procKey]bool, self int, d *deliverer) {
 		if seen[k] {
 			continue
 		}
-		if ev, ok := procExe(pid, now); ok {
+		if ev, ok := procExe(int32(pid), now); ok {
 			d.add(ev)
 		}
 		// A kernel thread or a process we may not inspect has no

@@ -65,7 +65,7 @@ func waitForProcess(t testing.TB, r *running, path string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		cmd := startSleeping(t, path, 500*time.Millisecond)
-		got := r.collect(t, 1, 700*time.Millisecond, func(ev Event) bool { return ev.PID == cmd.Process.Pid && ev.Path == path })
+		got := r.collect(t, 1, 700*time.Millisecond, func(ev Event) bool { return int(ev.PID) == cmd.Process.Pid && ev.Path == path })
 		if len(got) > 0 {
 			return
 		}
@@ -87,7 +87,7 @@ func TestProcConnector(t *testing.T) {
 		pids = append(pids, startSleeping(t, path, 400*time.Millisecond).Process.Pid)
 	}
 	got := r.collect(t, len(pids), 5*time.Second, func(ev Event) bool {
-		if !slices.Contains(pids, ev.PID) {
+		if !slices.Contains(pids, int(ev.PID)) {
 			return false
 		}
 		if ev.Path != path {
@@ -106,7 +106,7 @@ func TestProcConnector(t *testing.T) {
 	bin := tinyProgram(t, t.TempDir())
 	before := src.Stats()
 	quick := runN(t, bin, 20)
-	seen := r.quiet(t, 500*time.Millisecond, func(ev Event) bool { return slices.Contains(quick, ev.PID) })
+	seen := r.quiet(t, 500*time.Millisecond, func(ev Event) bool { return slices.Contains(quick, int(ev.PID)) })
 	after := src.Stats()
 	if lost := after.Lost - before.Lost; int(lost)+len(seen) < len(quick) {
 		t.Errorf("%d short-lived programs: %d reported, %d counted lost", len(quick), len(seen), lost)
@@ -119,7 +119,7 @@ func TestProcPoll(t *testing.T) {
 	path := sleeper(t)
 	r := start(t, NewProcPoll(Options{PollInterval: 50 * time.Millisecond}))
 	cmd := startSleeping(t, path, 2*time.Second)
-	match := func(ev Event) bool { return ev.PID == cmd.Process.Pid }
+	match := func(ev Event) bool { return int(ev.PID) == cmd.Process.Pid }
 	got := r.collect(t, 1, 5*time.Second, match)
 	if len(got) != 1 || got[0].Path != path {
 		t.Fatalf("got %+v, want one event for %s", got, path)

@@ -22,20 +22,16 @@ import (
 // Defaults of Options.
 const (
 	DefaultCacheEntries = 16384
+	DefaultCacheBytes   = 4 << 20
 	DefaultMaxInline    = 64 << 20
 	DefaultMaxSize      = 2 << 30
-	DefaultBacklog      = 64
 )
 
 // Errors of Identify. Test them with errors.Is.
 var (
-	// ErrDeferred means the file is larger than Options.MaxInline: it is
-	// hashed in the background and its Result delivered to
-	// Options.OnDeferred.
-	ErrDeferred = errors.New("identify: file hashed in the background")
-	// ErrBacklogFull means a large file was not identified because the
-	// background backlog was full; Stats().Dropped counts it.
-	ErrBacklogFull = errors.New("identify: background backlog full")
+	// ErrDeferred means the file is larger than Options.MaxInline and not
+	// known yet: it is to be hashed in the background by the returned Job.
+	ErrDeferred = errors.New("identify: large file to hash in the background")
 	// ErrNotRegular means the file is not a regular file (FIFO, device,
 	// socket, directory); it is never read.
 	ErrNotRegular = errors.New("identify: not a regular file")
@@ -43,94 +39,78 @@ var (
 	ErrTooLarge = errors.New("identify: file too large")
 	// ErrChanged means the file changed twice while it was being hashed.
 	ErrChanged = errors.New("identify: file changed while hashed")
-	// ErrStopped means a large file arrived after Serve returned.
-	ErrStopped = errors.New("identify: background hashing stopped")
 )
 
 // Options configure an Identifier. The zero value gives the defaults.
 type Options struct {
-	// CacheEntries caps the cache of file versions (default 16,384; about
-	// 300 bytes each plus the paths).
+	// CacheEntries caps the cache of file versions (default 16,384).
 	CacheEntries int
+	// CacheBytes caps the memory the cache's facts and paths take
+	// (default 4 MiB), whatever the length of the paths.
+	CacheBytes int
 	// MaxInline is the largest file Identify hashes on the caller's
-	// goroutine (default 64 MiB); larger ones are deferred.
+	// goroutine (default 64 MiB); larger ones give a Job.
 	MaxInline int64
 	// MaxSize is the largest file identified at all (default 2 GiB).
 	MaxSize int64
-	// Backlog caps the large files waiting for the background worker
-	// (default 64); beyond it they are dropped and counted.
-	Backlog int
 	// Anonymizer anonymises paths; nil means NewAnonymizer(nil). The agent
 	// passes SystemAnonymizer().
 	Anonymizer *Anonymizer
-	// OnDeferred receives the result of every deferred file, on the
-	// background worker's goroutine; it must not block for long. Nil means
-	// the results only fill the cache.
-	OnDeferred func(Result)
+	// CachePath is the file the cache is kept in across restarts (see
+	// Load and Save); empty keeps it in memory only.
+	CachePath string
 	// Logger receives debug and warning messages; nil discards them.
 	Logger *slog.Logger
-}
-
-// Result is the outcome of a deferred identification.
-type Result struct {
-	Facts Facts // Path is the path of the first deferred call
-	Err   error
-	// Calls is how many Identify calls on this file version returned
-	// ErrDeferred and are answered by this Result.
-	Calls int
 }
 
 // Stats counts what an Identifier did.
 type Stats struct {
 	Hits       uint64 `json:"hits"`       // answered from the cache
 	Misses     uint64 `json:"misses"`     // hashed on the caller's goroutine
-	Deferred   uint64 `json:"deferred"`   // handed to the background worker
-	Background uint64 `json:"background"` // hashed by the background worker
-	Dropped    uint64 `json:"dropped"`    // large files lost to a full backlog
+	Deferred   uint64 `json:"deferred"`   // large files handed out as a Job
+	Background uint64 `json:"background"` // large files hashed by a Job
 	Refused    uint64 `json:"refused"`    // not regular, too large, changed, unreadable
 	Cached     int    `json:"cached"`     // entries in the cache
+	Loaded     int    `json:"loaded"`     // entries read from CachePath at start
 }
 
-// Identifier identifies files, remembers the facts of file versions it has
-// seen, and hashes large files on one background worker (see Serve). It is
-// safe for concurrent use.
+// Identifier identifies files and remembers the facts of file versions it
+// has seen. Large files are hashed by a Job that the caller runs where it
+// likes. It is safe for concurrent use.
 type Identifier struct {
 	opts  Options
 	anon  *Anonymizer
 	log   *slog.Logger
 	cache *cache
-	jobs  chan *job
 
-	mu       sync.Mutex // protects inflight and stopped
-	inflight map[fileKey]*job
-	stopped  bool
-
-	hits, misses, deferred, background, dropped, refused atomic.Uint64
+	hits, misses, deferred, background, refused atomic.Uint64
+	loaded                                      atomic.Int64
 
 	afterRead func() // test hook: runs after each read of a file
 }
 
-// job is one large file waiting for the background worker.
-type job struct {
-	fd    int // a duplicate owned by the job
-	key   fileKey
-	path  string
-	calls int // protected by Identifier.mu
+// Job hashes one large file version away from the caller. Run it once,
+// or Close it.
+type Job struct {
+	id   *Identifier
+	fd   int // a duplicate owned by the job
+	key  Key
+	path string
 }
 
-// New returns an Identifier. Large files wait for Serve to be running.
+// New returns an Identifier.
 func New(opts Options) *Identifier {
 	if opts.CacheEntries <= 0 {
 		opts.CacheEntries = DefaultCacheEntries
+	}
+	if opts.CacheBytes <= 0 {
+		opts.CacheBytes = DefaultCacheBytes
 	}
 	if opts.MaxInline <= 0 {
 		opts.MaxInline = DefaultMaxInline
 	}
 	if opts.MaxSize <= 0 {
 		opts.MaxSize = DefaultMaxSize
-	}
-	if opts.Backlog <= 0 {
-		opts.Backlog = DefaultBacklog
 	}
 	anon := opts.Anonymizer
 	if anon == nil {
@@ -141,178 +121,128 @@ func New(opts Options) *Identifier {
 		log = slog.New(slog.DiscardHandler)
 	}
 	return &Identifier{
-		opts:     opts,
-		anon:     anon,
-		log:      log,
-		cache:    newCache(opts.CacheEntries),
-		jobs:     make(chan *job, opts.Backlog),
-		inflight: make(map[fileKey]*job),
+		opts:  opts,
+		anon:  anon,
+		log:   log,
+		cache: newCache(opts.CacheEntries, opts.CacheBytes),
 	}
 }
 
-// Identify returns the facts of the open file f, whose path (as the exec
-// source saw it) is path. It reads through f with pread only, so f's
-// offset is untouched, and it never reads a file that is not regular. A
-// file version seen before costs one fstat and a map lookup. A file larger
-// than Options.MaxInline gives ErrDeferred (or ErrBacklogFull); the caller
-// may close f at once either way. The returned Facts.ELF is shared with
-// the cache and must not be modified.
-func (id *Identifier) Identify(f *os.File, path string) (Facts, error) {
-	rc, err := f.SyscallConn()
-	if err != nil {
-		return Facts{}, fmt.Errorf("identify %s: %w", path, err)
-	}
-	var facts Facts
-	cerr := rc.Control(func(fd uintptr) {
-		facts, err = id.identifyFD(int(fd), path)
-	})
-	if cerr != nil {
-		return Facts{}, fmt.Errorf("identify %s: %w", path, cerr)
-	}
-	return facts, err
-}
-
-// IdentifyPath is Identify for a path. Only a regular file is opened (with
-// O_NONBLOCK, so a FIFO swapped in at the last moment cannot block).
-func (id *Identifier) IdentifyPath(path string) (Facts, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return Facts{}, fmt.Errorf("identify %s: %w", path, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		id.refused.Add(1)
-		return Facts{}, fmt.Errorf("identify %s: %w", path, ErrNotRegular)
-	}
-	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
-	if err != nil {
-		return Facts{}, fmt.Errorf("identify %s: %w", path, err)
-	}
-	defer unix.Close(fd)
-	return id.identifyFD(fd, path)
-}
-
-func (id *Identifier) identifyFD(fd int, path string) (Facts, error) {
+// IdentifyFile returns the facts of the file open at fd. It reads through
+// fd with pread only, so its offset is untouched, and it never reads a
+// file that is not regular. A file version seen before costs one fstat
+// and a map lookup; path, which gives the file's path as the exec source
+// saw it, is called only for a file version not seen before (or seen
+// under no path). A file larger than Options.MaxInline and not seen
+// before gives ErrDeferred and a Job, which holds its own descriptor: the
+// caller may close fd at once. The returned Facts.ELF is shared with the
+// cache and must not be modified.
+func (id *Identifier) IdentifyFile(fd int, path func() string) (Facts, *Job, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		id.refused.Add(1)
-		return Facts{}, fmt.Errorf("identify %s: %w", path, err)
+		return Facts{}, nil, fmt.Errorf("identify: %w", err)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		id.refused.Add(1)
-		return Facts{}, fmt.Errorf("identify %s: %w", path, ErrNotRegular)
+		return Facts{}, nil, ErrNotRegular
 	}
 	key := keyOf(&st)
-	if f, ok := id.cache.get(key, path, id.anon); ok {
+	if f, ok := id.cache.get(key); ok {
 		id.hits.Add(1)
-		return f, nil
+		return f, nil, nil
 	}
+	p := path()
 	if st.Size > id.opts.MaxSize {
 		id.refused.Add(1)
-		return Facts{}, fmt.Errorf("identify %s: %d bytes: %w", path, st.Size, ErrTooLarge)
+		return Facts{}, nil, fmt.Errorf("identify %s: %d bytes: %w", p, st.Size, ErrTooLarge)
 	}
 	if st.Size > id.opts.MaxInline {
-		return Facts{}, id.deferFD(fd, key, path)
+		dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			id.refused.Add(1)
+			return Facts{}, nil, fmt.Errorf("identify %s: duplicate descriptor: %w", p, err)
+		}
+		id.deferred.Add(1)
+		return Facts{}, &Job{id: id, fd: dup, key: key, path: p}, ErrDeferred
 	}
 	id.misses.Add(1)
 	f, key, err := id.compute(context.Background(), fd, key)
 	if err != nil {
 		id.refused.Add(1)
-		return Facts{}, fmt.Errorf("identify %s: %w", path, err)
+		return Facts{}, nil, fmt.Errorf("identify %s: %w", p, err)
 	}
-	f.Path, f.PackageManaged = pathOrUnknown(id.anon.Anonymize(path)), PackageManaged(path)
-	id.cache.put(key, f, path)
+	f.Path, f.PackageManaged = pathOrUnknown(id.anon.Anonymize(p)), PackageManaged(p)
+	id.cache.put(key, f, p)
+	return f, nil, nil
+}
+
+// Identify is IdentifyFile for an open file whose path is known.
+func (id *Identifier) Identify(f *os.File, path string) (Facts, *Job, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return Facts{}, nil, fmt.Errorf("identify %s: %w", path, err)
+	}
+	var facts Facts
+	var job *Job
+	cerr := rc.Control(func(fd uintptr) {
+		facts, job, err = id.IdentifyFile(int(fd), func() string { return path })
+	})
+	if cerr != nil {
+		return Facts{}, nil, fmt.Errorf("identify %s: %w", path, cerr)
+	}
+	return facts, job, err
+}
+
+// IdentifyPath is Identify for a path. Only a regular file is opened (with
+// O_NONBLOCK, so a FIFO swapped in at the last moment cannot block).
+func (id *Identifier) IdentifyPath(path string) (Facts, *Job, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return Facts{}, nil, fmt.Errorf("identify %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		id.refused.Add(1)
+		return Facts{}, nil, fmt.Errorf("identify %s: %w", path, ErrNotRegular)
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC|unix.O_NOCTTY, 0)
+	if err != nil {
+		return Facts{}, nil, fmt.Errorf("identify %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	return id.IdentifyFile(fd, func() string { return path })
+}
+
+// Key is the file version a Job hashes: jobs with equal keys hash the
+// same bytes, so a caller waiting for one may drop the others.
+func (j *Job) Key() Key { return j.key }
+
+// Path is the path the file was seen under when the job was made.
+func (j *Job) Path() string { return j.path }
+
+// Run hashes the file, remembers its facts and releases the job's
+// descriptor. Cancelling ctx interrupts the hashing. The Facts carry
+// the path of the job.
+func (j *Job) Run(ctx context.Context) (Facts, error) {
+	defer j.Close()
+	id := j.id
+	f, key, err := id.compute(ctx, j.fd, j.key)
+	if err != nil {
+		id.refused.Add(1)
+		return Facts{}, fmt.Errorf("identify %s: %w", j.path, err)
+	}
+	id.background.Add(1)
+	f.Path, f.PackageManaged = pathOrUnknown(id.anon.Anonymize(j.path)), PackageManaged(j.path)
+	id.cache.put(key, f, j.path)
 	return f, nil
 }
 
-// deferFD hands a duplicate of fd to the background worker, or joins the
-// job already waiting for the same file version.
-func (id *Identifier) deferFD(fd int, key fileKey, path string) error {
-	id.mu.Lock()
-	defer id.mu.Unlock()
-	if id.stopped {
-		id.dropped.Add(1)
-		return fmt.Errorf("identify %s: %w", path, ErrStopped)
-	}
-	if j, ok := id.inflight[key]; ok {
-		j.calls++
-		id.deferred.Add(1)
-		return ErrDeferred
-	}
-	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		id.refused.Add(1)
-		return fmt.Errorf("identify %s: duplicate descriptor: %w", path, err)
-	}
-	j := &job{fd: dup, key: key, path: path, calls: 1}
-	select {
-	case id.jobs <- j:
-	default:
-		unix.Close(dup)
-		id.dropped.Add(1)
-		id.log.Warn("large file not identified: background backlog full", "size", key.size, "backlog", cap(id.jobs))
-		return fmt.Errorf("identify %s: %w", path, ErrBacklogFull)
-	}
-	id.inflight[key] = j
-	id.deferred.Add(1)
-	return ErrDeferred
-}
-
-// Serve runs the background worker that hashes large files, one at a
-// time, until ctx is cancelled. Cancelling ctx also interrupts the file
-// being hashed. It then closes every waiting file, answers their callers
-// with ErrStopped, and returns ctx.Err(). Serve may run once.
-func (id *Identifier) Serve(ctx context.Context) error {
-	for {
-		if ctx.Err() != nil {
-			id.stop()
-			return ctx.Err()
-		}
-		select {
-		case <-ctx.Done():
-		case j := <-id.jobs:
-			id.run(ctx, j)
-		}
-	}
-}
-
-func (id *Identifier) run(ctx context.Context, j *job) {
-	defer unix.Close(j.fd)
-	f, key, err := id.compute(ctx, j.fd, j.key)
-	if err == nil {
-		id.background.Add(1)
-		f.Path, f.PackageManaged = pathOrUnknown(id.anon.Anonymize(j.path)), PackageManaged(j.path)
-		id.cache.put(key, f, j.path)
-	} else {
-		id.refused.Add(1)
-		err = fmt.Errorf("identify %s: %w", j.path, err)
-		id.log.Debug("large file not identified", "err", err)
-	}
-	id.finish(j, Result{Facts: f, Err: err})
-}
-
-// finish removes j from inflight and delivers its result.
-func (id *Identifier) finish(j *job, r Result) {
-	id.mu.Lock()
-	delete(id.inflight, j.key)
-	r.Calls = j.calls
-	id.mu.Unlock()
-	if id.opts.OnDeferred != nil {
-		id.opts.OnDeferred(r)
-	}
-}
-
-func (id *Identifier) stop() {
-	id.mu.Lock()
-	id.stopped = true
-	id.mu.Unlock()
-	for {
-		select {
-		case j := <-id.jobs:
-			unix.Close(j.fd)
-			id.finish(j, Result{Err: fmt.Errorf("identify %s: %w", j.path, ErrStopped)})
-		default:
-			return
-		}
+// Close releases the job's descriptor without hashing. Later calls do
+// nothing.
+func (j *Job) Close() {
+	if j.fd >= 0 {
+		unix.Close(j.fd)
+		j.fd = -1
 	}
 }
 
@@ -323,10 +253,18 @@ func (id *Identifier) Stats() Stats {
 		Misses:     id.misses.Load(),
 		Deferred:   id.deferred.Load(),
 		Background: id.background.Load(),
-		Dropped:    id.dropped.Load(),
 		Refused:    id.refused.Load(),
 		Cached:     id.cache.len(),
+		Loaded:     int(id.loaded.Load()),
 	}
+}
+
+// IsLoader reports whether f is a dynamic loader (ld.so): the kernel
+// opens it for execution beside every dynamically linked program, so
+// seeing it says nothing about which program ran. It is a shared object
+// without an interpreter of its own and not a static PIE program.
+func IsLoader(f Facts) bool {
+	return f.ELF != nil && f.ELF.Type == "dyn" && f.ELF.Static && !f.ELF.PIE
 }
 
 // hashChunk is the read size while hashing; buffers are pooled.
@@ -342,7 +280,7 @@ const headLen = 256
 // the file changes while it is read (its size, mtime or ctime differ
 // afterwards, or it ends early), it is read once more; a second change
 // gives ErrChanged. It returns the key of the version it read.
-func (id *Identifier) compute(ctx context.Context, fd int, key fileKey) (Facts, fileKey, error) {
+func (id *Identifier) compute(ctx context.Context, fd int, key Key) (Facts, Key, error) {
 	for attempt := 0; ; attempt++ {
 		f, err := readFacts(ctx, fd, key.size, id.anon)
 		if id.afterRead != nil {

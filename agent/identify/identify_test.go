@@ -67,7 +67,7 @@ func TestIdentifyKinds(t *testing.T) {
 			t.Parallel()
 			id := New(Options{})
 			p := writeFile(t, dir, tc.name, tc.data)
-			got, err := id.IdentifyPath(p)
+			got, _, err := id.IdentifyPath(p)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -99,7 +99,7 @@ func TestIdentifyLeavesOffset(t *testing.T) {
 	if _, err := f.Seek(7, io.SeekStart); err != nil {
 		t.Fatal(err)
 	}
-	got, err := New(Options{}).Identify(f, "/home/alice/s")
+	got, _, err := New(Options{}).Identify(f, "/home/alice/s")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,22 +122,24 @@ func TestIdentifyCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	id := New(Options{})
-	first, err := id.IdentifyPath(p)
+	first, _, err := id.IdentifyPath(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	second, err := id.IdentifyPath(p)
+	second, _, err := id.IdentifyPath(p)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if first != second {
 		t.Errorf("cache hit differs: %+v vs %+v", first, second)
 	}
-	third, err := id.IdentifyPath(link)
+	third, _, err := id.IdentifyPath(link)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if third.SHA256 != first.SHA256 || third.Path != id.anon.Anonymize(link) {
+	// A hit keeps the path the file version was first seen under: paths
+	// are resolved only for files not seen before.
+	if third.SHA256 != first.SHA256 || third.Path != first.Path {
 		t.Errorf("link: %+v", third)
 	}
 	if s := id.Stats(); s.Hits != 2 || s.Misses != 1 {
@@ -147,7 +149,7 @@ func TestIdentifyCache(t *testing.T) {
 	if err := os.WriteFile(p, []byte("#!/bin/bash\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	fourth, err := id.IdentifyPath(p)
+	fourth, _, err := id.IdentifyPath(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,10 +168,10 @@ func TestCacheBounded(t *testing.T) {
 	}
 	// Keep the first file hot: CLOCK must keep it.
 	for _, p := range paths {
-		if _, err := id.IdentifyPath(paths[0]); err != nil {
+		if _, _, err := id.IdentifyPath(paths[0]); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := id.IdentifyPath(p); err != nil {
+		if _, _, err := id.IdentifyPath(p); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -177,7 +179,7 @@ func TestCacheBounded(t *testing.T) {
 		t.Errorf("cached %d entries, want 4", n)
 	}
 	before := id.Stats().Hits
-	if _, err := id.IdentifyPath(paths[0]); err != nil {
+	if _, _, err := id.IdentifyPath(paths[0]); err != nil {
 		t.Fatal(err)
 	}
 	if id.Stats().Hits != before+1 {
@@ -197,27 +199,27 @@ func TestIdentifyRefusesNonRegular(t *testing.T) {
 		name string
 		run  func() error
 	}{
-		{"fifo by path", func() error { _, err := id.IdentifyPath(fifo); return err }},
+		{"fifo by path", func() error { _, _, err := id.IdentifyPath(fifo); return err }},
 		{"fifo by descriptor", func() error {
 			f, err := os.OpenFile(fifo, os.O_RDWR|unix.O_NONBLOCK, 0)
 			if err != nil {
 				return err
 			}
 			defer f.Close()
-			_, err = id.Identify(f, fifo)
+			_, _, err = id.Identify(f, fifo)
 			return err
 		}},
-		{"device by path", func() error { _, err := id.IdentifyPath("/dev/zero"); return err }},
+		{"device by path", func() error { _, _, err := id.IdentifyPath("/dev/zero"); return err }},
 		{"device by descriptor", func() error {
 			f, err := os.Open("/dev/zero")
 			if err != nil {
 				return err
 			}
 			defer f.Close()
-			_, err = id.Identify(f, "/dev/zero")
+			_, _, err = id.Identify(f, "/dev/zero")
 			return err
 		}},
-		{"directory", func() error { _, err := id.IdentifyPath(dir); return err }},
+		{"directory", func() error { _, _, err := id.IdentifyPath(dir); return err }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -237,7 +239,7 @@ func TestIdentifyTooLarge(t *testing.T) {
 	if err := os.Truncate(p, 1<<40); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := New(Options{}).IdentifyPath(p); !errors.Is(err, ErrTooLarge) {
+	if _, _, err := New(Options{}).IdentifyPath(p); !errors.Is(err, ErrTooLarge) {
 		t.Errorf("err = %v, want ErrTooLarge", err)
 	}
 }
@@ -268,7 +270,7 @@ func TestIdentifyChangedWhileHashed(t *testing.T) {
 					}
 				}
 			}
-			got, err := id.IdentifyPath(p)
+			got, _, err := id.IdentifyPath(p)
 			if !errors.Is(err, tc.wantErr) {
 				t.Fatalf("err = %v, want %v", err, tc.wantErr)
 			}
@@ -282,96 +284,43 @@ func TestIdentifyChangedWhileHashed(t *testing.T) {
 	}
 }
 
-// deferred collects the results of deferred identifications.
-type deferred struct {
-	mu  sync.Mutex
-	got []Result
-	ch  chan struct{}
-}
-
-func newDeferred() *deferred { return &deferred{ch: make(chan struct{}, 100)} }
-
-func (d *deferred) add(r Result) {
-	d.mu.Lock()
-	d.got = append(d.got, r)
-	d.mu.Unlock()
-	d.ch <- struct{}{}
-}
-
-func (d *deferred) wait(t *testing.T) Result {
-	t.Helper()
-	select {
-	case <-d.ch:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no deferred result")
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.got[len(d.got)-1]
-}
-
-func TestIdentifyDeferred(t *testing.T) {
+func TestIdentifyLarge(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	data := make([]byte, 4096)
 	data[0], data[1] = '#', '!'
 	p := writeFile(t, dir, "big", data)
-	d := newDeferred()
-	id := New(Options{MaxInline: 1024, OnDeferred: d.add})
-	for range 2 {
-		if _, err := id.IdentifyPath(p); !errors.Is(err, ErrDeferred) {
-			t.Fatalf("err = %v, want ErrDeferred", err)
-		}
+	link := filepath.Join(dir, "link")
+	if err := os.Link(p, link); err != nil {
+		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error)
-	go func() { done <- id.Serve(ctx) }()
-	r := d.wait(t)
-	if r.Err != nil || r.Calls != 2 || r.Facts.SHA256 != sum(data) || r.Facts.Path != id.anon.Anonymize(p) {
-		t.Errorf("result = %+v", r)
+	id := New(Options{MaxInline: 1024})
+	_, j1, err := id.IdentifyPath(p)
+	if !errors.Is(err, ErrDeferred) || j1 == nil {
+		t.Fatalf("err = %v, job %v; want ErrDeferred and a job", err, j1)
 	}
-	if f, err := id.IdentifyPath(p); err != nil || f.SHA256 != sum(data) {
-		t.Errorf("after background: %+v, %v", f, err)
+	// The same file version under another path: a job with the same key,
+	// which the caller drops.
+	_, j2, err := id.IdentifyPath(link)
+	if !errors.Is(err, ErrDeferred) || j2 == nil || j2.Key() != j1.Key() {
+		t.Fatalf("second: err = %v, job %v", err, j2)
 	}
-	cancel()
-	if err := <-done; !errors.Is(err, context.Canceled) {
-		t.Errorf("Serve = %v", err)
+	j2.Close()
+	f, err := j1.Run(context.Background())
+	if err != nil || f.SHA256 != sum(data) || f.Path != id.anon.Anonymize(p) {
+		t.Errorf("Run = %+v, %v", f, err)
 	}
-	if _, err := id.IdentifyPath(writeFile(t, dir, "big2", data[:2000])); !errors.Is(err, ErrStopped) {
-		t.Errorf("after Serve: %v, want ErrStopped", err)
+	if f, _, err := id.IdentifyPath(link); err != nil || f.SHA256 != sum(data) {
+		t.Errorf("after the job: %+v, %v", f, err)
 	}
-}
-
-func TestIdentifyBacklogFull(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	d := newDeferred()
-	id := New(Options{MaxInline: 10, Backlog: 1, OnDeferred: d.add})
-	a := writeFile(t, dir, "a", []byte("aaaaaaaaaaaaaaaaaaaa"))
-	b := writeFile(t, dir, "b", []byte("bbbbbbbbbbbbbbbbbbbb"))
-	if _, err := id.IdentifyPath(a); !errors.Is(err, ErrDeferred) {
-		t.Fatalf("a: %v", err)
-	}
-	if _, err := id.IdentifyPath(b); !errors.Is(err, ErrBacklogFull) {
-		t.Fatalf("b: %v, want ErrBacklogFull", err)
-	}
-	if s := id.Stats(); s.Dropped != 1 || s.Deferred != 1 {
+	if s := id.Stats(); s.Deferred != 2 || s.Background != 1 || s.Hits != 1 {
 		t.Errorf("stats = %+v", s)
 	}
-	// Stopping answers the waiting file and closes its descriptor.
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	if err := id.Serve(ctx); !errors.Is(err, context.Canceled) {
-		t.Errorf("Serve = %v", err)
-	}
-	if r := d.wait(t); !errors.Is(r.Err, ErrStopped) || r.Calls != 1 {
-		t.Errorf("result = %+v", r)
-	}
 }
 
-// TestIdentifyCancelHuge checks that hashing a huge sparse file in the
-// background stops when Serve's context is cancelled.
-func TestIdentifyCancelHuge(t *testing.T) {
+// TestJobCancelHuge checks that hashing a huge sparse file stops when the
+// job's context is cancelled.
+func TestJobCancelHuge(t *testing.T) {
 	t.Parallel()
 	p := filepath.Join(t.TempDir(), "sparse")
 	if err := os.WriteFile(p, nil, 0o644); err != nil {
@@ -380,26 +329,23 @@ func TestIdentifyCancelHuge(t *testing.T) {
 	if err := os.Truncate(p, 1<<40); err != nil {
 		t.Fatal(err)
 	}
-	d := newDeferred()
-	id := New(Options{MaxInline: 1 << 20, MaxSize: 1 << 41, OnDeferred: d.add})
-	if _, err := id.IdentifyPath(p); !errors.Is(err, ErrDeferred) {
+	id := New(Options{MaxInline: 1 << 20, MaxSize: 1 << 41})
+	_, job, err := id.IdentifyPath(p)
+	if !errors.Is(err, ErrDeferred) {
 		t.Fatalf("err = %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
-	go func() { done <- id.Serve(ctx) }()
+	go func() { _, err := job.Run(ctx); done <- err }()
 	time.Sleep(50 * time.Millisecond) // let it start hashing
 	cancel()
 	select {
 	case err := <-done:
 		if !errors.Is(err, context.Canceled) {
-			t.Errorf("Serve = %v", err)
+			t.Errorf("Run = %v", err)
 		}
 	case <-time.After(10 * time.Second):
-		t.Fatal("Serve did not stop")
-	}
-	if r := d.wait(t); !errors.Is(r.Err, context.Canceled) {
-		t.Errorf("result = %+v", r)
+		t.Fatal("Run did not stop")
 	}
 }
 
@@ -450,14 +396,14 @@ func BenchmarkFirstSeenSHA256(b *testing.B) {
 	}
 	defer f.Close()
 	b.SetBytes(benchSize)
-	if _, err := New(Options{MaxInline: benchSize}).Identify(f, p); err != nil { // warm the page cache
+	if _, _, err := New(Options{MaxInline: benchSize}).Identify(f, p); err != nil { // warm the page cache
 		b.Fatal(err)
 	}
 	b.ResetTimer()
 	start := time.Now()
 	for b.Loop() {
 		id := New(Options{MaxInline: benchSize})
-		if _, err := id.Identify(f, p); err != nil {
+		if _, _, err := id.Identify(f, p); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -492,12 +438,12 @@ func BenchmarkCacheHit(b *testing.B) {
 	defer f.Close()
 	b.Run("identify", func(b *testing.B) {
 		id := New(Options{})
-		if _, err := id.Identify(f, "/home/alice/bin/tool"); err != nil {
+		if _, _, err := id.Identify(f, "/home/alice/bin/tool"); err != nil {
 			b.Fatal(err)
 		}
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := id.Identify(f, "/home/alice/bin/tool"); err != nil {
+			if _, _, err := id.Identify(f, "/home/alice/bin/tool"); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -421,7 +421,7 @@ func TestSystemFileNeverDenied(t *testing.T) {
 			t.Skipf("no root-owned %s", sys)
 		}
 		r := newRig(t, nil)
-		f, err := identify.New(identify.Options{}).IdentifyPath(sys)
+		f, _, err := identify.New(identify.Options{}).IdentifyPath(sys)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -281,7 +281,7 @@ func program(t *testing.T, dir, name string) (string, string) {
 	if err != nil {
 		testenv.Unavailable(t, "cannot build the test program: %v", err)
 	}
-	f, err := identify.New(identify.Options{}).IdentifyPath(p)
+	f, _, err := identify.New(identify.Options{}).IdentifyPath(p)
 	if err != nil {
 		t.Fatal(err)
 	}

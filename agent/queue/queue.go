@@ -63,12 +63,14 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Event is one execution or one appearance in a download folder.
+// Event is what was seen of one file over a moment: executions, an
+// appearance in a download folder, or both.
 type Event struct {
 	Facts  identify.Facts
-	Exec   bool // executed: ExecCount grows by one
-	Loaded bool // appeared in a download folder
-	Time   time.Time
+	Execs  uint64 // executions: ExecCount grows by this
+	Loaded bool   // appeared in a download folder
+	// Time is when it was first seen; Last when last (zero: Time).
+	Time, Last time.Time
 }
 
 // Stats are cheap counters of the queue's state.
@@ -216,7 +218,10 @@ func (q *Queue) Add(ev Event) error {
 	if t.IsZero() {
 		t = q.opts.Clock()
 	}
-	ns := t.UnixNano()
+	first, last := t.UnixNano(), t.UnixNano()
+	if !ev.Last.IsZero() {
+		last = max(last, ev.Last.UnixNano())
+	}
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()
@@ -224,15 +229,13 @@ func (q *Queue) Add(ev Event) error {
 	}
 	d, ok := q.buf[k]
 	if !ok {
-		d.first, d.last = ns, ns
+		d.first, d.last = first, last
 	}
 	d.facts = ev.Facts
-	if ev.Exec {
-		d.exec++
-	}
+	d.exec += ev.Execs
 	d.loaded = d.loaded || ev.Loaded
-	d.first = min(d.first, ns)
-	d.last = max(d.last, ns)
+	d.first = min(d.first, first)
+	d.last = max(d.last, last)
 	q.buf[k] = d
 	n := len(q.buf)
 	q.mu.Unlock()

@@ -89,7 +89,7 @@ func mustAdd(t testing.TB, q *Queue, ev Event) {
 func execs(t testing.TB, q *Queue, i, n int, at time.Time) {
 	t.Helper()
 	for range n {
-		mustAdd(t, q, Event{Facts: facts(i), Exec: true, Time: at})
+		mustAdd(t, q, Event{Facts: facts(i), Execs: 1, Time: at})
 	}
 }
 
@@ -110,8 +110,8 @@ func TestAddAggregates(t *testing.T) {
 	t.Parallel()
 	q := openTest(t, filepath.Join(t.TempDir(), "q.db"), Options{})
 	execs(t, q, 1, 3, t0.Add(time.Minute))
-	mustAdd(t, q, Event{Facts: facts(1), Exec: true, Time: t0}) // earlier: FirstSeen moves back
-	mustAdd(t, q, Event{Facts: facts(2), Loaded: true})         // no time: the clock's
+	mustAdd(t, q, Event{Facts: facts(1), Execs: 1, Time: t0}) // earlier: FirstSeen moves back
+	mustAdd(t, q, Event{Facts: facts(2), Loaded: true})       // no time: the clock's
 	if s := q.Stats(); s.Records != 0 || s.Pending != 0 {
 		t.Errorf("before commit: %+v", s)
 	}
@@ -150,7 +150,7 @@ func TestAddRejectsBadHash(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			if err := q.Add(Event{Facts: identify.Facts{SHA256: tc.hash}, Exec: true}); !errors.Is(err, ErrBadHash) {
+			if err := q.Add(Event{Facts: identify.Facts{SHA256: tc.hash}, Execs: 1}); !errors.Is(err, ErrBadHash) {
 				t.Errorf("Add(%q) = %v, want ErrBadHash", tc.hash, err)
 			}
 		})
@@ -392,12 +392,12 @@ func TestPurge(t *testing.T) {
 	f := facts(1)
 	f.Path = "/opt/" + marker + "/tool"
 	for range 3 {
-		mustAdd(t, q, Event{Facts: f, Exec: true, Time: t0})
+		mustAdd(t, q, Event{Facts: f, Execs: 1, Time: t0})
 	}
 	if _, err := q.TakeBatch(10); err != nil { // the marker is in flight too
 		t.Fatal(err)
 	}
-	mustAdd(t, q, Event{Facts: f, Exec: true, Time: t0}) // and buffered
+	mustAdd(t, q, Event{Facts: f, Execs: 1, Time: t0}) // and buffered
 	aside := path + ".corrupt-old"
 	if err := os.WriteFile(aside, []byte("old "+marker), 0o600); err != nil {
 		t.Fatal(err)
@@ -490,7 +490,7 @@ func TestClosed(t *testing.T) {
 	if err := q.Close(); err != nil {
 		t.Errorf("second Close = %v", err)
 	}
-	if err := q.Add(Event{Facts: facts(1), Exec: true}); !errors.Is(err, ErrClosed) {
+	if err := q.Add(Event{Facts: facts(1), Execs: 1}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Add after Close = %v", err)
 	}
 	if _, err := q.TakeBatch(1); !errors.Is(err, ErrClosed) {
@@ -539,7 +539,7 @@ func millionEvents(tb testing.TB, q *Queue) int {
 	}
 	const n = 1_000_000
 	for i := range n {
-		if err := q.Add(Event{Facts: fs[i%len(fs)], Exec: true, Time: t0.Add(time.Duration(i))}); err != nil {
+		if err := q.Add(Event{Facts: fs[i%len(fs)], Execs: 1, Time: t0.Add(time.Duration(i))}); err != nil {
 			tb.Fatal(err)
 		}
 		if i%10_000 == 9_999 {
@@ -574,7 +574,7 @@ func BenchmarkAddDurable(b *testing.B) {
 			start := time.Now()
 			i := 0
 			for b.Loop() {
-				if err := q.Add(Event{Facts: fs[i%distinct], Exec: true, Time: t0}); err != nil {
+				if err := q.Add(Event{Facts: fs[i%distinct], Execs: 1, Time: t0}); err != nil {
 					b.Fatal(err)
 				}
 				if i%10_000 == 9_999 {
@@ -607,7 +607,7 @@ func BenchmarkAddHotPath(b *testing.B) {
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
-		if err := q.Add(Event{Facts: fs[i%len(fs)], Exec: true, Time: t0}); err != nil {
+		if err := q.Add(Event{Facts: fs[i%len(fs)], Execs: 1, Time: t0}); err != nil {
 			b.Fatal(err)
 		}
 		i++
@@ -651,7 +651,7 @@ func TestEmptyCountsBufferedEvents(t *testing.T) {
 	if !q.Empty() {
 		t.Fatal("a new queue is not empty")
 	}
-	if err := q.Add(Event{Facts: facts(1), Exec: true}); err != nil {
+	if err := q.Add(Event{Facts: facts(1), Execs: 1}); err != nil {
 		t.Fatal(err)
 	}
 	if q.Empty() || q.Stats().Records != 0 {

@@ -235,7 +235,7 @@ func crashChild(path string) {
 	fmt.Println("start", start)
 	for round := 0; ; round++ {
 		for i := range crashFiles {
-			if err := q.Add(Event{Facts: facts(i), Exec: true}); err != nil {
+			if err := q.Add(Event{Facts: facts(i), Execs: 1}); err != nil {
 				fmt.Println("error", err)
 				os.Exit(1)
 			}
