@@ -30,7 +30,12 @@ func TestMain(m *testing.M) {
 	if sock := os.Getenv("CLOUDPROTECT_TEST_CLIENT"); sock != "" {
 		os.Exit(clientChild(sock, os.Args[len(os.Args)-1]))
 	}
-	goleak.VerifyTestMain(m)
+	goleak.VerifyTestMain(m, goleak.Cleanup(func(code int) {
+		if daemonDir != "" {
+			os.RemoveAll(daemonDir)
+		}
+		os.Exit(code)
+	}))
 }
 
 func clientChild(sock, op string) int {

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/queue"
 )
@@ -141,4 +142,33 @@ func TestKillDuringUpload(t *testing.T) {
 		t.Errorf("the cloud knows %d installations, want 1", srv.installations(t))
 	}
 	t.Logf("kills during uploads: %d; programs lost %d, counted twice %d", rounds, lost, doubled)
+}
+
+// The agent is stopped (SIGTERM) the moment an exec storm of two
+// spawners at full rate ends, several times. It drains what the kernel
+// reported before it exits: every execution reaches the queue or the
+// cloud, none is lost.
+func TestStopRightAfterStorm(t *testing.T) {
+	faultCase(t)
+	work := worldDir(t, "cloudprotect-faults-stop-")
+	prog, sum := uniqueProgram(t, work, "stopped")
+	a := newAgent(t, agentOpts{Cloud: startCloud(t)})
+	a.start()
+	a.participate()
+	a.waitWatching(work)
+	var ran uint64
+	for i := range scale(3, 10) {
+		res, err := spawn.Run(context.Background(), spawn.Config{Path: prog, Workers: 2, Duration: time.Duration(1+i%2) * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.stop()
+		ran += uint64(res.Execs)
+		a.start()
+		a.waitCollecting()
+		if got := a.seen(sum); got != ran {
+			t.Fatalf("stop %d: %d executions counted, %d ran (%d at %.0f/s in the last storm)", i+1, got, ran, res.Execs, res.PerSecond())
+		}
+		t.Logf("stop %d: %d executions at %.0f/s, all counted", i+1, res.Execs, res.PerSecond())
+	}
 }

@@ -210,10 +210,39 @@ void _start(void) {
 }
 `
 
+// sleeperSource is the tiny program that sleeps for a second before it
+// exits: it lives long enough to be looked at through /proc.
+const sleeperSource = `
+static const char marker[] __attribute__((used)) = "%s";
+static const long ts[2] = {1, 0};
+void _start(void) {
+#if defined(__x86_64__)
+	__asm__ volatile("mov $35, %%%%eax\n\tmov %%0, %%%%rdi\n\txor %%%%esi, %%%%esi\n\tsyscall" :: "r"(ts) : "rax", "rdi", "rsi", "rcx", "r11", "memory");
+	__asm__ volatile("mov $60, %%eax\n\txor %%edi, %%edi\n\tsyscall");
+#elif defined(__aarch64__)
+	register const long *x0 __asm__("x0") = ts;
+	__asm__ volatile("mov x1, #0\n\tmov x8, #101\n\tsvc #0" : "+r"(x0) :: "x1", "x8", "memory");
+	__asm__ volatile("mov x8, #93\n\tmov x0, #0\n\tsvc #0");
+#else
+#error "unsupported architecture"
+#endif
+	for (;;) {}
+}
+`
+
+// BuildSleeper is BuildTiny for a program that sleeps for a second.
+func BuildSleeper(ctx context.Context, dir, name, marker string) (string, error) {
+	return build(ctx, dir, name, sleeperSource, marker)
+}
+
 // BuildTiny compiles the tiny static program into dir with a C compiler
 // ($CC or cc) and returns its path. The marker is embedded so that programs
 // built with different markers differ in content.
 func BuildTiny(ctx context.Context, dir, name, marker string) (string, error) {
+	return build(ctx, dir, name, tinySource, marker)
+}
+
+func build(ctx context.Context, dir, name, source, marker string) (string, error) {
 	cc := os.Getenv("CC")
 	if cc == "" {
 		cc = "cc"
@@ -222,7 +251,7 @@ func BuildTiny(ctx context.Context, dir, name, marker string) (string, error) {
 		return "", fmt.Errorf("find C compiler: %w", err)
 	}
 	src := filepath.Join(dir, name+".c")
-	if err := os.WriteFile(src, fmt.Appendf(nil, tinySource, marker), 0o644); err != nil {
+	if err := os.WriteFile(src, fmt.Appendf(nil, source, marker), 0o644); err != nil {
 		return "", fmt.Errorf("write program source: %w", err)
 	}
 	out := filepath.Join(dir, name)
