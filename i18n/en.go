@@ -4,6 +4,14 @@ package i18n
 // holds only the messages whose words depend on a number.
 var en = Catalog{
 	Plurals: map[Key]Forms{
+		"%d new detections": {Arg: 1,
+			One:   "%d new detection",
+			Other: "%d new detections",
+		},
+		"The Security Network reported %d programs on this computer as dangerous. Open the cloud icon's menu to see them.": {Arg: 1,
+			One:   "The Security Network reported %d program on this computer as dangerous. Open the cloud icon's menu to see it.",
+			Other: "The Security Network reported %d programs on this computer as dangerous. Open the cloud icon's menu to see them.",
+		},
 		"Installed cloudprotect in %s (%d files written).\n": {Arg: 2,
 			One:   "Installed cloudprotect in %s (%d file written).\n",
 			Other: "Installed cloudprotect in %s (%d files written).\n"},

@@ -30,10 +30,13 @@ const (
 	Limited State = "limited"
 	// Unreachable: no agent answers on the local socket.
 	Unreachable State = "unreachable"
+	// Threat: a dangerous program was detected or blocked, and the person
+	// has not seen it yet.
+	Threat State = "threat"
 )
 
 // States lists every state, in the order the documentation shows them.
-var States = []State{Participating, Declined, Undecided, Limited, Unreachable}
+var States = []State{Participating, Declined, Undecided, Limited, Unreachable, Threat}
 
 // Sizes lists the embedded PNG sizes in pixels, smallest first.
 var Sizes = []int{16, 22, 24, 32, 48, 64, 256}

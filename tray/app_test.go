@@ -27,9 +27,10 @@ func TestMain(m *testing.M) {
 type fakeAgent struct {
 	streams chan chan api.Event
 
-	mu  sync.Mutex // protects the fields below
-	set []api.ParticipationRequest
-	st  api.Statement
+	mu     sync.Mutex // protects the fields below
+	set    []api.ParticipationRequest
+	st     api.Statement
+	alerts []api.Alert
 }
 
 func newFakeAgent() *fakeAgent {
@@ -42,10 +43,15 @@ func newFakeAgent() *fakeAgent {
 func (f *fakeAgent) Status(context.Context) (api.Status, error) {
 	return api.Status{}, localapi.ErrUnreachable
 }
-func (f *fakeAgent) Statement(context.Context) (api.Statement, error) {
+func (f *fakeAgent) StatementIn(context.Context, string) (api.Statement, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.st, nil
+}
+func (f *fakeAgent) Alerts(context.Context) (api.AlertList, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return api.AlertList{Alerts: append([]api.Alert(nil), f.alerts...)}, nil
 }
 func (f *fakeAgent) SetParticipation(_ context.Context, r api.ParticipationRequest) (api.Status, error) {
 	f.mu.Lock()
@@ -308,14 +314,11 @@ func TestAppLiveChanges(t *testing.T) {
 		t.Errorf("menu after joining: %+v", m)
 	}
 	stream <- api.Event{Type: api.EventStatus, Status: status("participating", locked)}
-	m = h.waitMenu("locked", func(m Menu) bool { return m.Status.Label == "Managed by your organisation" })
+	m = h.waitMenu("locked", func(m Menu) bool {
+		return m.Status.Label == "Cloud protection is on (managed by your organisation)"
+	})
 	if m.Participate.Enabled {
 		t.Error("participation can be changed while the policy locks it")
-	}
-	stream <- api.Event{Type: api.EventAlert, Alert: &api.Alert{Program: "miner", Path: "~/Downloads/miner", Verdict: "malicious"}}
-	n := h.waitNote("miner is malicious")
-	if !strings.Contains(n.Body, "~/Downloads/miner") {
-		t.Errorf("alert body %q does not name the path", n.Body)
 	}
 }
 
@@ -437,8 +440,12 @@ func TestAppMenuItems(t *testing.T) {
 	h.waitMenu("participating", iconIs(icons.Participating))
 
 	h.click(ItemStatement)
-	if p := <-h.opened; !strings.HasSuffix(p, "security-network-statement-v3.txt") {
+	p := <-h.opened
+	if !strings.HasSuffix(p, "security-network-statement-v3.en.html") {
 		t.Errorf("opened %s", p)
+	}
+	if b, err := os.ReadFile(p); err != nil || !strings.Contains(string(b), "<p>Full text.</p>") || !strings.Contains(string(b), "<title>Security Network Statement</title>") {
+		t.Errorf("statement page %s: %v\n%s", p, err, b)
 	}
 	h.click(ItemSendNow)
 	h.waitNote("Statistics sent")
@@ -463,5 +470,89 @@ func TestAppMenuItems(t *testing.T) {
 		h.once.Do(func() {})
 	case <-time.After(10 * time.Second):
 		t.Fatal("Quit did not end Run")
+	}
+}
+
+// Alerts stay: critical notifications with the program in the body only,
+// the threat icon and the menu's detections until the person has seen
+// them, and nothing told twice, even after a restart.
+func TestAppAlerts(t *testing.T) {
+	t.Parallel()
+	stateDir := filepath.Join(t.TempDir(), "state")
+	h := start(t, stateDir)
+	old := api.Alert{ID: 1, Time: testNow.Add(-time.Hour), SHA256: strings.Repeat("a", 64), Program: "old-miner",
+		Path: "~/Downloads/old-miner", Verdict: "malicious", Action: api.AlertActionAlerted}
+	h.agent.mu.Lock()
+	h.agent.alerts = []api.Alert{old}
+	h.agent.mu.Unlock()
+	stream := h.connect(status("participating"))
+
+	// An alert from before the tray started is fetched and told.
+	n := h.waitNote("Dangerous program detected")
+	if !n.Critical || n.Dismissed == nil || !strings.Contains(n.Body, "old-miner") || strings.Contains(n.Title, "miner") {
+		t.Errorf("alert note %+v", n)
+	}
+	m := h.waitMenu("threat icon", iconIs(icons.Threat))
+	if !m.AlertsHeader.Visible || !strings.Contains(m.Alerts[0].Label, "old-miner") || !m.MarkSeen.Visible {
+		t.Errorf("menu %+v", m)
+	}
+
+	// A block arrives on the stream; a hostile name stays in the body,
+	// made safe.
+	hostile := "Call\u202e 555-0100 now\nIT support"
+	blk := api.Alert{ID: 2, Time: testNow, SHA256: strings.Repeat("b", 64), Program: hostile,
+		Path: "~/Downloads/" + hostile, Verdict: "malicious", Action: api.AlertActionBlocked}
+	stream <- api.Event{Type: api.EventAlert, Alert: &blk}
+	n = h.waitNote("Dangerous program blocked")
+	if strings.Contains(n.Title, "555") || strings.ContainsRune(n.Body, '\u202e') || !strings.Contains(n.Body, "Call? 555-0100 now?IT support") {
+		t.Errorf("block note %+v", n)
+	}
+	m = h.waitMenu("two detections", func(m Menu) bool { return m.Alerts[1].Visible })
+	if !strings.Contains(m.Alerts[0].Label, "Blocked") || !strings.Contains(m.AlertsHeader.Label, "2 new") {
+		t.Errorf("menu %q / %q", m.AlertsHeader.Label, m.Alerts[0].Label)
+	}
+
+	// Dismissing the block's notification counts as seen; the older one
+	// keeps the threat icon until seen from the menu.
+	n.Dismissed()
+	m = h.waitMenu("one new", func(m Menu) bool { return strings.Contains(m.AlertsHeader.Label, "1 new") })
+	if m.Icon != icons.Threat {
+		t.Errorf("icon %s with an unseen detection", m.Icon)
+	}
+	h.click(ItemAlert + 1)
+	h.waitNote("Dangerous program detected") // its details again
+	m = h.waitMenu("all seen", iconIs(icons.Participating))
+	if m.MarkSeen.Visible || !m.Alerts[0].Visible {
+		t.Errorf("menu after seeing all: %+v", m)
+	}
+	h.noNote()
+	h.stop()
+
+	// A new tray remembers: nothing told again, nothing new.
+	h2 := start(t, stateDir)
+	h2.agent.mu.Lock()
+	h2.agent.alerts = []api.Alert{blk, old}
+	h2.agent.mu.Unlock()
+	h2.connect(status("participating"))
+	m = h2.waitMenu("detections listed", func(m Menu) bool { return m.Alerts[1].Visible })
+	if m.Icon != icons.Participating {
+		t.Errorf("icon %s after a restart with everything seen", m.Icon)
+	}
+	h2.noNote()
+}
+
+// A question whose answer no longer applies is withdrawn: the command
+// line changed participation while the tray was asking.
+func TestAppWithdrawsStaleQuestion(t *testing.T) {
+	t.Parallel()
+	h := start(t, "")
+	stream := h.connect(status("declined"))
+	h.waitMenu("state", func(m Menu) bool { return m.Participate.Enabled })
+	h.click(ItemParticipate)
+	<-h.conf.questions
+	stream <- api.Event{Type: api.EventStatus, Status: status("participating")}
+	h.waitMenu("answerable again", func(m Menu) bool { return m.Participate.Enabled && m.Participate.Checked })
+	if len(h.agent.requests()) != 0 {
+		t.Error("participation changed by a withdrawn question")
 	}
 }

@@ -5,7 +5,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/text/language"
+
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
 )
 
@@ -57,7 +60,7 @@ func TestBuild(t *testing.T) {
 		tooltip       string
 		status        string
 		detail        string // "" means hidden
-		participate   string
+		participate   i18n.Key
 		canParticiate bool
 		checked       bool
 		action        Action
@@ -84,7 +87,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("undecided")},
 			want: want{
 				icon: icons.Undecided, tooltip: "Cloud protection: off · waiting for your answer",
-				status: "Access to Security Network is disabled", detail: "Choose Participate to turn cloud protection on",
+				status: "Cloud protection is off: waiting for your answer", detail: "Choose Participate to turn cloud protection on",
 				participate: LabelJoin, canParticiate: true, action: Join,
 				stats: "Statistics: 0 pending · never sent", statement: true,
 			},
@@ -94,7 +97,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("undecided"), Asking: true},
 			want: want{
 				icon: icons.Undecided, tooltip: "Cloud protection: off · waiting for your answer",
-				status: "Access to Security Network is disabled", detail: "Choose Participate to turn cloud protection on · Waiting for your answer…",
+				status: "Cloud protection is off: waiting for your answer", detail: "Choose Participate to turn cloud protection on · Waiting for your answer…",
 				participate: LabelJoin, action: Join,
 				stats: "Statistics: 0 pending · never sent", statement: true,
 			},
@@ -113,10 +116,10 @@ func TestBuild(t *testing.T) {
 			name: "participating, nothing pending, sent last year",
 			view: View{Status: status("participating", lastSent(sentLong)), Now: testNow},
 			want: want{
-				icon: icons.Participating, tooltip: "Cloud protection: on · 0 pending · last sent 2 Nov 2025",
+				icon: icons.Participating, tooltip: "Cloud protection: on · 0 pending · last sent Nov 2, 2025",
 				status:      "Cloud protection is on",
 				participate: LabelJoined, canParticiate: true, checked: true, action: Leave,
-				stats: "Statistics: 0 pending · last sent 2 Nov 2025", statement: true,
+				stats: "Statistics: 0 pending · last sent Nov 2, 2025", statement: true,
 			},
 		},
 		{
@@ -144,7 +147,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("participating", paused, pending(4))},
 			want: want{
 				icon: icons.Undecided, tooltip: "Cloud protection: paused until you accept the updated statement",
-				status: "Cloud protection is paused", detail: "The Security Network Statement changed: read it and participate again",
+				status: "Cloud protection is paused: the Security Network Statement changed", detail: "Read the updated statement and participate again",
 				participate: LabelJoin, canParticiate: true, action: Join,
 				stats: "Statistics: 4 pending · never sent", statement: true,
 			},
@@ -154,7 +157,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("declined")},
 			want: want{
 				icon: icons.Declined, tooltip: "Cloud protection: off (not participating)",
-				status:      "Access to Security Network is disabled",
+				status:      "Cloud protection is off: you do not participate in the Security Network",
 				participate: LabelJoin, canParticiate: true, action: Join,
 				stats: "Statistics: 0 pending · never sent", statement: true,
 			},
@@ -164,7 +167,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("participating", locked, pending(1), lastSent(sentAt)), Now: testNow},
 			want: want{
 				icon: icons.Participating, tooltip: "Cloud protection: on · 1 pending · last sent 10:21 · managed by your organisation",
-				status: "Managed by your organisation", detail: "Cloud protection is on",
+				status:      "Cloud protection is on (managed by your organisation)",
 				participate: LabelJoined, checked: true,
 				stats: "Statistics: 1 pending · last sent 10:21", sendNow: true, statement: true,
 			},
@@ -174,7 +177,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("declined", locked)},
 			want: want{
 				icon: icons.Declined, tooltip: "Cloud protection: off (not participating) · managed by your organisation",
-				status: "Managed by your organisation", detail: "Access to Security Network is disabled",
+				status:      "Cloud protection is off: your organisation manages participation",
 				participate: LabelJoin,
 				stats:       "Statistics: 0 pending · never sent", statement: true,
 			},
@@ -194,7 +197,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("undecided", readOnly)},
 			want: want{
 				icon: icons.Declined, tooltip: "Cloud protection: off (not participating)",
-				status: "Access to Security Network is disabled", detail: "Only an administrator can change participation",
+				status: "Cloud protection is off: waiting for your answer", detail: "Only an administrator can change participation",
 				participate: LabelJoin,
 				stats:       "Statistics: 0 pending · never sent", statement: true,
 			},
@@ -204,7 +207,7 @@ func TestBuild(t *testing.T) {
 			view: View{Status: status("declined", func(s *api.Status) { s.Participation.PolicyError = "line 3: unknown field \"particpate\"" })},
 			want: want{
 				icon: icons.Declined, tooltip: "Cloud protection: off (not participating)",
-				status: "Access to Security Network is disabled", detail: "Policy file ignored: line 3: unknown field \"particpate\"",
+				status: "Cloud protection is off: you do not participate in the Security Network", detail: "Policy file ignored: line 3: unknown field \"particpate\"",
 				participate: LabelJoin, canParticiate: true, action: Join,
 				stats: "Statistics: 0 pending · never sent", statement: true,
 			},
@@ -213,7 +216,7 @@ func TestBuild(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			m := Build(tt.view)
+			m := Build(tt.view, i18n.English())
 			w := tt.want
 			check := func(what string, got, want any) {
 				t.Helper()
@@ -227,7 +230,7 @@ func TestBuild(t *testing.T) {
 			check("status enabled", m.Status.Enabled, false)
 			check("detail", m.Detail.Label, w.detail)
 			check("detail visible", m.Detail.Visible, w.detail != "")
-			check("participate label", m.Participate.Label, w.participate)
+			check("participate label", m.Participate.Label, string(w.participate))
 			check("participate enabled", m.Participate.Enabled, w.canParticiate)
 			check("participate checked", m.Participate.Checked, w.checked)
 			check("action", m.ParticipateAction, w.action)
@@ -259,8 +262,8 @@ func TestBuildAutostart(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			a := Build(tt.view).Autostart
-			if a.Label != LabelAutostart || a.Checked != tt.checked || a.Enabled != tt.enabled {
+			a := Build(tt.view, i18n.English()).Autostart
+			if a.Label != string(LabelAutostart) || a.Checked != tt.checked || a.Enabled != tt.enabled {
 				t.Errorf("autostart item = %+v, want checked %v enabled %v", a, tt.checked, tt.enabled)
 			}
 		})
@@ -277,13 +280,22 @@ func TestWhen(t *testing.T) {
 		want string
 	}{
 		{"today in local time", time.Date(2026, 3, 14, 9, 21, 0, 0, time.UTC), "10:21"},
-		{"earlier this year", time.Date(2026, 1, 5, 7, 0, 0, 0, time.UTC), "5 Jan 08:00"},
-		{"last year", time.Date(2025, 12, 31, 7, 0, 0, 0, time.UTC), "31 Dec 2025"},
+		{"earlier this year", time.Date(2026, 1, 5, 7, 0, 0, 0, time.UTC), "Jan 5, 08:00"},
+		{"last year", time.Date(2025, 12, 31, 7, 0, 0, 0, time.UTC), "Dec 31, 2025"},
+		{"in German", time.Date(2026, 1, 5, 7, 0, 0, 0, time.UTC), "5.1., 08:00"},
+		{"in Russian", time.Date(2025, 12, 31, 7, 0, 0, 0, time.UTC), "31.12.2025"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			if got := when(tt.t, now); got != tt.want {
+			p := i18n.English()
+			switch tt.name {
+			case "in German":
+				p = i18n.New(language.German)
+			case "in Russian":
+				p = i18n.New(language.Russian)
+			}
+			if got := when(tt.t, now, p); got != tt.want {
 				t.Errorf("when = %q, want %q", got, tt.want)
 			}
 		})

@@ -11,35 +11,150 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"sync"
 
 	"github.com/esiqveland/notify"
 	"github.com/gen2brain/beeep"
 	"github.com/godbus/dbus/v5"
 
 	"github.com/cloudprotect/cloudprotect/icons"
+	"github.com/cloudprotect/cloudprotect/wire/safetext"
 )
 
 // BeeepNotifier shows simple notifications with beeep, which falls back
-// from D-Bus to notify-send and kdialog.
-//
-// beeep sends on the shared session connection that fyne.io/systray also
-// uses; the server's NotificationClosed signal then ends systray's own
-// re-registration loop, which is why the tray re-registers its item itself
-// (see Reregister).
+// from D-Bus to notify-send and kdialog. The tray uses it only where it
+// has no session bus of its own (DBusNotifier needs one).
 type BeeepNotifier struct{}
 
 // Notify shows n.
 func (BeeepNotifier) Notify(n Note) error {
 	beeep.AppName = Title
-	if err := beeep.Notify(n.Title, n.Body, icons.PNG(n.Icon, 64)); err != nil {
+	if err := beeep.Notify(n.Title, safetext.Line(n.Body), icons.PNG(n.Icon, 64)); err != nil {
 		return fmt.Errorf("show notification: %w", err)
 	}
 	return nil
 }
 
+// DBusNotifier shows notifications through org.freedesktop.Notifications
+// on a private connection of its own: apart from systray's, so the
+// server's signals cannot disturb the tray item, and able to learn when
+// the person dismisses a notification.
+//
+// Bodies are escaped for the server's markup when it reads markup
+// ("body-markup"), and stripped of control and bidirectional characters
+// either way.
+type DBusNotifier struct {
+	conn *dbus.Conn
+	n    notify.Notifier
+	caps []string
+
+	mu        sync.Mutex // protects dismissed
+	dismissed map[uint32]func()
+}
+
+// NewDBusNotifier connects a notifier on conn, which it owns and closes.
+func NewDBusNotifier(conn *dbus.Conn) (*DBusNotifier, error) {
+	d := &DBusNotifier{conn: conn, dismissed: map[uint32]func(){}}
+	caps, err := notify.GetCapabilities(conn)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("no notification server: %w", err)
+	}
+	d.caps = caps
+	d.n, err = notify.New(conn,
+		notify.WithLogger(discardPrintf{}),
+		notify.WithOnAction(func(s *notify.ActionInvokedSignal) { d.closed(s.ID, true) }),
+		notify.WithOnClosed(func(s *notify.NotificationClosedSignal) {
+			d.closed(s.ID, s.Reason == notify.ReasonDismissedByUser)
+		}),
+	)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("listen for notifications: %w", err)
+	}
+	return d, nil
+}
+
+func (d *DBusNotifier) closed(id uint32, byPerson bool) {
+	d.mu.Lock()
+	f := d.dismissed[id]
+	delete(d.dismissed, id)
+	d.mu.Unlock()
+	if f != nil && byPerson {
+		f()
+	}
+}
+
+// Close ends the notifier and its connection.
+func (d *DBusNotifier) Close() error {
+	d.n.Close()
+	return d.conn.Close()
+}
+
+// Notify implements Notifier.
+func (d *DBusNotifier) Notify(n Note) error {
+	note := notify.Notification{
+		AppName:       Title,
+		Summary:       safetext.Line(n.Title),
+		Body:          d.body(n.Body),
+		ExpireTimeout: notify.ExpireTimeoutSetByNotificationServer,
+	}
+	note.SetUrgency(notify.UrgencyNormal)
+	if n.Critical {
+		// Critical notifications stay until dismissed; a default action
+		// lets a click on the bubble count as having seen it.
+		note.SetUrgency(notify.UrgencyCritical)
+		note.ExpireTimeout = notify.ExpireTimeoutNever
+		if slices.Contains(d.caps, "actions") {
+			note.Actions = []notify.Action{{Key: "default", Label: ""}}
+		}
+	}
+	if img := rgba(icons.PNG(n.Icon, 64)); img != nil {
+		note.AddHint(notify.HintImageDataRGBA(img))
+	}
+	id, err := d.n.SendNotification(note)
+	if err != nil {
+		return fmt.Errorf("show notification: %w", err)
+	}
+	if n.Dismissed != nil {
+		d.mu.Lock()
+		d.dismissed[id] = n.Dismissed
+		d.mu.Unlock()
+	}
+	return nil
+}
+
+// body makes text safe for the server: one line per line, escaped when
+// the server reads markup.
+func (d *DBusNotifier) body(text string) string {
+	lines := bytes.Split([]byte(text), []byte("\n"))
+	out := make([]string, len(lines))
+	markup := slices.Contains(d.caps, "body-markup")
+	for i, l := range lines {
+		if markup {
+			out[i] = safetext.Markup(string(l))
+		} else {
+			out[i] = safetext.Line(string(l))
+		}
+	}
+	return joinLines(out)
+}
+
+func joinLines(s []string) string {
+	var b bytes.Buffer
+	for i, l := range s {
+		if i > 0 {
+			b.WriteByte('\n')
+		}
+		b.WriteString(l)
+	}
+	return b.String()
+}
+
 // DBusConfirmer asks Yes/No with a notification carrying two actions, on a
 // private bus connection of its own, when the notification server supports
-// actions. Otherwise it returns ErrCannotAsk.
+// actions. Otherwise it returns ErrCannotAsk. The question is closed as
+// soon as it is answered, or withdrawn.
 type DBusConfirmer struct {
 	// Connect opens a private, authenticated session bus connection;
 	// nil means the session bus of the environment.
@@ -90,10 +205,14 @@ func (c DBusConfirmer) Confirm(ctx context.Context, q Question) (bool, error) {
 	}
 	defer n.Close()
 
+	body := q.Body
+	if slices.Contains(caps, "body-markup") {
+		body = safetext.Markup(body)
+	}
 	note := notify.Notification{
 		AppName:       Title,
 		Summary:       q.Title,
-		Body:          q.Body,
+		Body:          body,
 		Actions:       []notify.Action{{Key: "yes", Label: q.Yes}, {Key: "no", Label: q.No}},
 		ExpireTimeout: notify.ExpireTimeoutNever,
 	}
@@ -111,6 +230,9 @@ func (c DBusConfirmer) Confirm(ctx context.Context, q Question) (bool, error) {
 			if a.id != id {
 				continue // another program's notification
 			}
+			// Answered: the question goes away at once, whatever the
+			// server does with answered notifications.
+			n.CloseNotification(id)
 			return a.key == "yes", nil
 		case <-ctx.Done():
 			n.CloseNotification(id)
@@ -184,6 +306,9 @@ func (c DialogConfirmer) Confirm(ctx context.Context, q Question) (bool, error) 
 	case errors.As(err, &exit) && exit.ExitCode() == 1 && ctx.Err() == nil:
 		return false, nil // No, or the dialog was closed
 	default:
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
 		return false, fmt.Errorf("ask %q with %s: %w", q.Title, cmd.Path, err)
 	}
 }

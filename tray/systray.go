@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
 )
 
@@ -27,11 +29,19 @@ const PanelIconSize = 32
 type Options struct {
 	// Socket is the agent's local API socket.
 	Socket string
+	// SocketGiven is true when the person chose Socket (--socket): the
+	// autostart entry then starts the tray with it too.
+	SocketGiven bool
 	// Logger receives the tray's log; nil means discard.
 	Logger *slog.Logger
 	// Exec is the command line the autostart entry runs; empty means this
-	// executable.
+	// executable (with --socket when SocketGiven).
 	Exec string
+	// Printer speaks the person's language; nil means English.
+	Printer *i18n.Printer
+	// PanelGrace is how long the tray waits for a panel before it tells
+	// the person none shows its icon; zero means 5 seconds.
+	PanelGrace time.Duration
 }
 
 // StartError is a reason the tray cannot start, with a hint a person can
@@ -44,31 +54,56 @@ type StartError struct {
 func (e *StartError) Error() string { return e.Err.Error() }
 func (e *StartError) Unwrap() error { return e.Err }
 
+// BusName is the name the tray owns on the session bus, so that a session
+// runs one tray.
+const BusName = "org.cloudprotect.Tray"
+
+// AlreadyRunningError says another tray runs in this session.
+type AlreadyRunningError struct {
+	// PID is the other tray's process, 0 if unknown.
+	PID uint32
+}
+
+func (e *AlreadyRunningError) Error() string {
+	return fmt.Sprintf("cloudprotect-tray already runs in this session (process %d)", e.PID)
+}
+
 // Run shows the tray icon until ctx is done or the person clicks Quit. It
-// needs a D-Bus session bus; without one it returns a *StartError. Without
-// a panel (no StatusNotifierWatcher yet) it keeps running and the icon
-// appears when a panel starts.
+// needs a D-Bus session bus; without one it returns a *StartError. When
+// another tray runs in the session it returns an *AlreadyRunningError at
+// once. Without a panel (no StatusNotifierWatcher yet) it keeps running,
+// tells the person once, and the icon appears when a panel starts.
 func Run(ctx context.Context, opts Options) error {
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if err := checkSessionBus(); err != nil {
+	p := opts.Printer
+	if p == nil {
+		p = i18n.English()
+	}
+	if err := checkSessionBus(p); err != nil {
+		return err
+	}
+	watch, err := PrivateSessionBus()
+	if err != nil {
+		return &StartError{Err: p.Wrap(err, "connect to the session bus: %s", err.Error()), Hint: p.Sprintf("run cloudprotect-tray inside your desktop session")}
+	}
+	defer watch.Close()
+	if err := claimName(watch); err != nil {
 		return err
 	}
 	shared, err := dbus.SessionBus()
 	if err != nil {
-		return &StartError{Err: fmt.Errorf("connect to the session bus: %w", err), Hint: "run cloudprotect-tray inside your desktop session"}
+		return &StartError{Err: p.Wrap(err, "connect to the session bus: %s", err.Error()), Hint: p.Sprintf("run cloudprotect-tray inside your desktop session")}
 	}
-	watch, err := PrivateSessionBus()
-	if err != nil {
-		return &StartError{Err: fmt.Errorf("connect to the session bus: %w", err), Hint: "run cloudprotect-tray inside your desktop session"}
-	}
-	defer watch.Close()
 
 	execLine := opts.Exec
 	if execLine == "" {
 		execLine = selfExec()
+		if opts.SocketGiven {
+			execLine += " --socket " + desktopQuote(opts.Socket)
+		}
 	}
 	auto, err := AutostartFromEnv(execLine)
 	if err != nil {
@@ -77,14 +112,26 @@ func Run(ctx context.Context, opts Options) error {
 	client := localapi.NewClient(opts.Socket)
 	defer client.Close()
 
+	var notifier Notifier = BeeepNotifier{}
+	if nc, err := PrivateSessionBus(); err == nil {
+		if dn, err := NewDBusNotifier(nc); err == nil {
+			defer dn.Close()
+			notifier = dn
+		} else {
+			log.Info("notifications through beeep", "why", err)
+		}
+	}
+
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	ui := newSystrayUI(ctx)
 	app := NewApp(Config{
 		Agent:     client,
 		UI:        ui,
-		Notifier:  BeeepNotifier{},
+		Notifier:  notifier,
 		Confirmer: Confirmers{DBusConfirmer{}, DialogConfirmer{}},
+		Printer:   p,
+		AgentHint: agentHint(p, opts.Socket),
 		Autostart: auto,
 		StateDir:  stateDir(),
 		CacheDir:  cacheDir(),
@@ -108,6 +155,10 @@ func Run(ctx context.Context, opts Options) error {
 	systray.SetTooltip(initial.Tooltip)
 	ui.build(initial)
 
+	grace := opts.PanelGrace
+	if grace <= 0 {
+		grace = 5 * time.Second
+	}
 	var wg sync.WaitGroup
 	var runErr error
 	onReady := func() {
@@ -119,12 +170,13 @@ func Run(ctx context.Context, opts Options) error {
 		}()
 		go func() {
 			defer wg.Done()
-			if err := Reregister(ctx, watch, shared, log); err != nil && ctx.Err() == nil {
+			err := Reregister(ctx, watch, shared, log, Panels{Grace: grace, Missing: app.PanelMissing})
+			if err != nil && ctx.Err() == nil {
 				log.Warn("re-registering with new panels stopped", "err", err)
 			}
 		}()
 	}
-	log.Info("tray starting", "socket", opts.Socket, "icon", initial.Icon)
+	log.Info("tray starting", "socket", opts.Socket, "icon", initial.Icon, "lang", p.Lang())
 	systray.Run(onReady, nil)
 	cancel()
 	wg.Wait()
@@ -134,9 +186,43 @@ func Run(ctx context.Context, opts Options) error {
 	return runErr
 }
 
+// claimName owns BusName for this tray, or reports the tray that does.
+func claimName(conn *dbus.Conn) error {
+	reply, err := conn.RequestName(BusName, dbus.NameFlagDoNotQueue)
+	if err != nil {
+		return fmt.Errorf("own %s on the session bus: %w", BusName, err)
+	}
+	if reply == dbus.RequestNameReplyPrimaryOwner {
+		return nil
+	}
+	var owner string
+	var pid uint32
+	if conn.BusObject().Call("org.freedesktop.DBus.GetNameOwner", 0, BusName).Store(&owner) == nil {
+		conn.BusObject().Call("org.freedesktop.DBus.GetConnectionUnixProcessID", 0, owner).Store(&pid)
+	}
+	return &AlreadyRunningError{PID: pid}
+}
+
+// agentHint says how to start the agent the tray talks to.
+func agentHint(p *i18n.Printer, socket string) string {
+	if socket == localapi.SystemSocket {
+		return p.Sprintf("Start it: sudo systemctl start cloudprotectd")
+	}
+	return p.Sprintf("Start it: cloudprotectd --user --socket %s", socket)
+}
+
+// desktopQuote quotes an argument for an Exec line of a .desktop file.
+func desktopQuote(s string) string {
+	if s != "" && !strings.ContainsAny(s, " \t\n\"'\\><~|&;$*?#()`") {
+		return s
+	}
+	r := strings.NewReplacer(`\`, `\\`, `"`, `\"`, "`", "\\`", `$`, `\$`)
+	return `"` + r.Replace(s) + `"`
+}
+
 // checkSessionBus fails early, with a hint, when there is no session bus to
 // connect to: systray carries on without one and panics on Quit.
-func checkSessionBus() error {
+func checkSessionBus(p *i18n.Printer) error {
 	if os.Getenv("DBUS_SESSION_BUS_ADDRESS") != "" {
 		return nil
 	}
@@ -146,8 +232,8 @@ func checkSessionBus() error {
 		}
 	}
 	return &StartError{
-		Err:  errors.New("no D-Bus session bus: DBUS_SESSION_BUS_ADDRESS is not set and $XDG_RUNTIME_DIR/bus does not exist"),
-		Hint: "run cloudprotect-tray inside your desktop session, which provides the session bus the tray icon needs",
+		Err:  p.Error("no D-Bus session bus: DBUS_SESSION_BUS_ADDRESS is not set and $XDG_RUNTIME_DIR/bus does not exist"),
+		Hint: p.Sprintf("run cloudprotect-tray inside your desktop session, which provides the session bus the tray icon needs"),
 	}
 }
 
@@ -155,7 +241,7 @@ func iconBytes(s icons.State) []byte {
 	if runtime.GOOS == "windows" {
 		return icons.ICO(s)
 	}
-	return icons.PNG(s, PanelIconSize)
+	return SystrayPNG(icons.PNG(s, PanelIconSize))
 }
 
 func selfExec() string {
@@ -194,8 +280,11 @@ type systrayUI struct {
 
 	// Touched only by build and Apply, which the App calls from one
 	// goroutine at a time.
-	status, detail, participate, statement, stats, sendNow, autostart, quit *systray.MenuItem
-	last                                                                    Menu
+	status, detail, participate, statement, protection *systray.MenuItem
+	alertsHeader, markSeen                             *systray.MenuItem
+	alerts                                             [MaxAlerts]*systray.MenuItem
+	stats, sendNow, autostart, quit                    *systray.MenuItem
+	last                                               Menu
 }
 
 func newSystrayUI(ctx context.Context) *systrayUI {
@@ -209,9 +298,16 @@ func (u *systrayUI) Clicks() <-chan ItemID { return u.clicks }
 func (u *systrayUI) build(m Menu) {
 	u.status = systray.AddMenuItem(m.Status.Label, "")
 	u.detail = systray.AddMenuItem(m.Detail.Label, "")
+	u.protection = systray.AddMenuItem(m.Protection.Label, "")
 	systray.AddSeparator()
 	u.participate = systray.AddMenuItemCheckbox(m.Participate.Label, "", m.Participate.Checked)
 	u.statement = systray.AddMenuItem(m.Statement.Label, "")
+	systray.AddSeparator()
+	u.alertsHeader = systray.AddMenuItem(m.AlertsHeader.Label, "")
+	for i := range u.alerts {
+		u.alerts[i] = systray.AddMenuItem(m.Alerts[i].Label, "")
+	}
+	u.markSeen = systray.AddMenuItem(m.MarkSeen.Label, "")
 	systray.AddSeparator()
 	u.stats = systray.AddMenuItem(m.Stats.Label, "")
 	u.sendNow = systray.AddMenuItem(m.SendNow.Label, "")
@@ -222,10 +318,14 @@ func (u *systrayUI) build(m Menu) {
 		applyItem(p.mi, p.item, Item{}, true)
 	}
 	u.last = m
-	for id, mi := range map[ItemID]*systray.MenuItem{
+	clickable := map[ItemID]*systray.MenuItem{
 		ItemParticipate: u.participate, ItemStatement: u.statement, ItemSendNow: u.sendNow,
-		ItemAutostart: u.autostart, ItemQuit: u.quit,
-	} {
+		ItemAutostart: u.autostart, ItemQuit: u.quit, ItemMarkSeen: u.markSeen,
+	}
+	for i, mi := range u.alerts {
+		clickable[ItemAlert+ItemID(i)] = mi
+	}
+	for id, mi := range clickable {
 		go u.forward(id, mi.ClickedCh)
 	}
 }
@@ -258,16 +358,24 @@ type itemPair struct {
 
 func (u *systrayUI) pairs(m Menu) []itemPair {
 	o := u.last
-	return []itemPair{
+	out := []itemPair{
 		{u.status, m.Status, o.Status},
 		{u.detail, m.Detail, o.Detail},
+		{u.protection, m.Protection, o.Protection},
 		{u.participate, m.Participate, o.Participate},
 		{u.statement, m.Statement, o.Statement},
-		{u.stats, m.Stats, o.Stats},
-		{u.sendNow, m.SendNow, o.SendNow},
-		{u.autostart, m.Autostart, o.Autostart},
-		{u.quit, m.Quit, o.Quit},
+		{u.alertsHeader, m.AlertsHeader, o.AlertsHeader},
 	}
+	for i := range u.alerts {
+		out = append(out, itemPair{u.alerts[i], m.Alerts[i], o.Alerts[i]})
+	}
+	return append(out,
+		itemPair{u.markSeen, m.MarkSeen, o.MarkSeen},
+		itemPair{u.stats, m.Stats, o.Stats},
+		itemPair{u.sendNow, m.SendNow, o.SendNow},
+		itemPair{u.autostart, m.Autostart, o.Autostart},
+		itemPair{u.quit, m.Quit, o.Quit},
+	)
 }
 
 // Apply implements UI, changing only what differs from the last menu.

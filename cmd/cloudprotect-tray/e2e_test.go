@@ -3,8 +3,12 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"image/color"
 	"image/png"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/icons"
 	"github.com/cloudprotect/cloudprotect/tray"
@@ -66,6 +71,8 @@ type session struct {
 	agent  *localapi.Client
 	// agentStop stops the running agent and waits for it.
 	agentStop func()
+	// env is added to the tray's environment.
+	env []string
 }
 
 func newSession(tb testing.TB) *session {
@@ -143,7 +150,7 @@ func (s *session) startTray() *trayProc {
 }
 
 func (s *session) trayEnv() []string {
-	return []string{
+	return append([]string{
 		"PATH=" + os.Getenv("PATH"),
 		"HOME=" + filepath.Join(s.dir, "home"),
 		"DBUS_SESSION_BUS_ADDRESS=" + s.bus.Addr,
@@ -151,7 +158,7 @@ func (s *session) trayEnv() []string {
 		"XDG_CONFIG_DIRS=" + filepath.Join(s.dir, "xdg"),
 		"XDG_STATE_HOME=" + filepath.Join(s.dir, "state"),
 		"XDG_CACHE_HOME=" + filepath.Join(s.dir, "cache"),
-	}
+	}, s.env...)
 }
 
 func (s *session) configHome() string { return filepath.Join(s.dir, "config") }
@@ -197,35 +204,62 @@ func waitRegistered(tb testing.TB, w *dt.Watcher) dt.Registration {
 	return dt.Registration{}
 }
 
-// argb is the pixmap systray sends for a PNG.
-func argb(tb testing.TB, b []byte) dt.Pixmap {
+// pixels returns a PNG as non-premultiplied ARGB32, the way a
+// StatusNotifierItem pixmap carries it, and how many of its pixels are
+// semi-transparent.
+func pixels(tb testing.TB, b []byte) (dt.Pixmap, int) {
 	img, err := png.Decode(bytes.NewReader(b))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	r := img.Bounds()
 	px := dt.Pixmap{W: int32(r.Dx()), H: int32(r.Dy())}
+	semi := 0
 	for y := r.Min.Y; y < r.Max.Y; y++ {
 		for x := r.Min.X; x < r.Max.X; x++ {
-			cr, cg, cb, ca := img.At(x, y).RGBA()
-			px.Pix = append(px.Pix, byte(ca), byte(cr), byte(cg), byte(cb))
+			c := color.NRGBAModel.Convert(img.At(x, y)).(color.NRGBA)
+			if c.A != 0 && c.A != 0xff {
+				semi++
+			}
+			px.Pix = append(px.Pix, c.A, c.R, c.G, c.B)
 		}
 	}
-	return px
+	return px, semi
 }
 
+// samePixmap reports whether two pixmaps match within one step per
+// channel; colour does not matter where a pixel is fully transparent.
+func samePixmap(a, b dt.Pixmap) bool {
+	if a.W != b.W || a.H != b.H || len(a.Pix) != len(b.Pix) {
+		return false
+	}
+	for i := 0; i < len(a.Pix); i += 4 {
+		if a.Pix[i] == 0 && b.Pix[i] == 0 {
+			continue
+		}
+		for j := i; j < i+4; j++ {
+			if d := int(a.Pix[j]) - int(b.Pix[j]); d < -1 || d > 1 {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// iconState says which committed icon the panel received, comparing the
+// IconPixmap read over D-Bus with the PNG, ±1 per channel.
 func iconState(tb testing.TB, it *dt.Item) (icons.State, error) {
 	got, err := it.Icon()
 	if err != nil {
 		return "", err
 	}
 	for _, st := range icons.States {
-		want := argb(tb, icons.PNG(st, tray.PanelIconSize))
-		if got.W == want.W && got.H == want.H && bytes.Equal(got.Pix, want.Pix) {
+		want, _ := pixels(tb, icons.PNG(st, tray.PanelIconSize))
+		if samePixmap(got, want) {
 			return st, nil
 		}
 	}
-	return "", fmt.Errorf("icon %d×%d is none of the state icons", got.W, got.H)
+	return "", fmt.Errorf("icon %d×%d is none of the state icons as drawn", got.W, got.H)
 }
 
 func waitIcon(tb testing.TB, it *dt.Item, want ...icons.State) {
@@ -321,13 +355,13 @@ func TestDesktopSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"Access to Security Network is disabled", tray.LabelJoin, tray.LabelStatement,
-		"Statistics: 0 pending · never sent", tray.LabelSendNow, tray.LabelAutostart, tray.LabelQuit} {
+	for _, want := range []string{"Cloud protection is off: waiting for your answer", string(tray.LabelJoin), string(tray.LabelStatement),
+		"Statistics: 0 pending · never sent", string(tray.LabelSendNow), string(tray.LabelAutostart), string(tray.LabelQuit)} {
 		if _, ok := dt.Find(menu, want); !ok {
 			t.Errorf("menu lacks %q: %+v", want, menu)
 		}
 	}
-	join := entry(t, it, tray.LabelJoin)
+	join := entry(t, it, string(tray.LabelJoin))
 	if !join.Enabled || join.ToggleType != "checkmark" || join.ToggleState != 0 {
 		t.Errorf("participate item %+v, want enabled and unchecked", join)
 	}
@@ -349,7 +383,7 @@ func TestDesktopSession(t *testing.T) {
 	if err := notes.Invoke(q, "no"); err != nil {
 		t.Fatal(err)
 	}
-	waitEntry(t, it, tray.LabelJoin, func(e dt.MenuEntry) bool { return e.Enabled })
+	waitEntry(t, it, string(tray.LabelJoin), func(e dt.MenuEntry) bool { return e.Enabled })
 	time.Sleep(200 * time.Millisecond)
 	if got := participation(t, s); got != "undecided" {
 		t.Fatalf("after No the agent is %s, want undecided", got)
@@ -372,7 +406,7 @@ func TestDesktopSession(t *testing.T) {
 	if st.Participation.Via != "tray" || st.Participation.AcceptedVersion != st.Participation.StatementVersion {
 		t.Errorf("consent record %+v, want via tray with the statement version shown", st.Participation)
 	}
-	waitEntry(t, it, tray.LabelJoined, func(e dt.MenuEntry) bool { return e.ToggleState == 1 })
+	waitEntry(t, it, string(tray.LabelJoined), func(e dt.MenuEntry) bool { return e.ToggleState == 1 })
 	waitIcon(t, it, icons.Participating, icons.Limited)
 
 	// The CLI leaves: the menu and icon follow.
@@ -381,7 +415,7 @@ func TestDesktopSession(t *testing.T) {
 	if out, err := cli.CombinedOutput(); err != nil {
 		t.Fatalf("cloudprotect leave --yes: %v\n%s", err, out)
 	}
-	waitEntry(t, it, tray.LabelJoin, func(e dt.MenuEntry) bool { return e.ToggleState == 0 })
+	waitEntry(t, it, string(tray.LabelJoin), func(e dt.MenuEntry) bool { return e.ToggleState == 0 })
 	waitIcon(t, it, icons.Declined)
 
 	// The panel restarts after notifications expired (the server sent
@@ -397,14 +431,14 @@ func TestDesktopSession(t *testing.T) {
 
 	// Start at login toggles the autostart entry.
 	file := filepath.Join(s.configHome(), "autostart", tray.AutostartName)
-	auto := entry(t, it, tray.LabelAutostart)
+	auto := entry(t, it, string(tray.LabelAutostart))
 	if auto.ToggleState != 0 {
 		t.Fatalf("start at login checked without an entry: %+v", auto)
 	}
 	if err := it.Click(auto.ID); err != nil {
 		t.Fatal(err)
 	}
-	waitEntry(t, it, tray.LabelAutostart, func(e dt.MenuEntry) bool { return e.ToggleState == 1 })
+	waitEntry(t, it, string(tray.LabelAutostart), func(e dt.MenuEntry) bool { return e.ToggleState == 1 })
 	b, err := os.ReadFile(file)
 	if err != nil || !strings.Contains(string(b), "Exec=") {
 		t.Fatalf("autostart entry %s: %v\n%s", file, err, b)
@@ -412,13 +446,13 @@ func TestDesktopSession(t *testing.T) {
 	if err := it.Click(auto.ID); err != nil {
 		t.Fatal(err)
 	}
-	waitEntry(t, it, tray.LabelAutostart, func(e dt.MenuEntry) bool { return e.ToggleState == 0 })
+	waitEntry(t, it, string(tray.LabelAutostart), func(e dt.MenuEntry) bool { return e.ToggleState == 0 })
 	if _, err := os.Stat(file); err == nil {
 		t.Fatal("autostart entry left behind after unchecking")
 	}
 
 	// Quit ends the tray cleanly.
-	if err := it.Click(entry(t, it, tray.LabelQuit).ID); err != nil {
+	if err := it.Click(entry(t, it, string(tray.LabelQuit)).ID); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -454,7 +488,7 @@ func TestAgentLostAndBack(t *testing.T) {
 	if tip, _ := it.Tooltip(); tip != "Cloud protection: agent not running" {
 		t.Errorf("tooltip %q", tip)
 	}
-	if e := entry(t, it, tray.LabelJoin); e.Enabled {
+	if e := entry(t, it, string(tray.LabelJoin)); e.Enabled {
 		t.Error("participate enabled while the agent is unreachable")
 	}
 	s.startAgent()
@@ -483,4 +517,248 @@ func TestNoSessionBus(t *testing.T) {
 	if !strings.HasPrefix(got, "cloudprotect-tray: error: ") || !strings.Contains(got, "\ncloudprotect-tray: hint: ") || strings.Contains(got, "panic") {
 		t.Errorf("output:\n%s", got)
 	}
+}
+
+// The panel receives exactly the committed icons, semi-transparent edges
+// included: IconPixmap read over D-Bus equals the PNG, ±1 per channel.
+func TestIconPixmapAsDrawn(t *testing.T) {
+	s := newSession(t)
+	dt.StartNotifications(t, s.bus, true)
+	watcher := dt.StartWatcher(t, s.bus)
+	s.startAgent()
+	s.startTray()
+	it := dt.NewItem(s.bus.Conn(t), waitRegistered(t, watcher))
+	waitIcon(t, it, icons.Undecided)
+	got, err := it.Icon()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, semi := pixels(t, icons.PNG(icons.Undecided, tray.PanelIconSize))
+	if semi == 0 {
+		t.Fatal("the icon has no semi-transparent pixel: the comparison proves nothing")
+	}
+	if !samePixmap(got, want) {
+		t.Fatalf("IconPixmap differs from the committed PNG")
+	}
+}
+
+// One tray per session: a second start exits at once, saying so, and the
+// panel shows one icon.
+func TestOneTrayPerSession(t *testing.T) {
+	s := newSession(t)
+	dt.StartNotifications(t, s.bus, true)
+	watcher := dt.StartWatcher(t, s.bus)
+	s.startAgent()
+	first := s.startTray()
+	waitRegistered(t, watcher)
+
+	cmd := exec.Command(filepath.Join(s.bin, "cloudprotect-tray"), "--socket", s.socket)
+	cmd.Env = s.trayEnv()
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("a second tray kept running:\n%s", out)
+	}
+	if err != nil || !strings.Contains(string(out), "already running in this session (process ") {
+		t.Errorf("second tray: %v\n%s", err, out)
+	}
+	select {
+	case r := <-watcher.Registered:
+		t.Errorf("a second item registered: %+v", r)
+	case <-time.After(300 * time.Millisecond):
+	}
+	select {
+	case err := <-first.done:
+		t.Fatalf("the first tray exited: %v", err)
+	default:
+	}
+}
+
+// A question closes as soon as it is answered, and is withdrawn when the
+// command line changes participation while it is shown.
+func TestQuestionClosedWhenAnswered(t *testing.T) {
+	s := newSession(t)
+	notes := dt.StartNotifications(t, s.bus, true)
+	watcher := dt.StartWatcher(t, s.bus)
+	s.startAgent()
+	s.startTray()
+	it := dt.NewItem(s.bus.Conn(t), waitRegistered(t, watcher))
+	join := waitEntry(t, it, string(tray.LabelJoin), func(e dt.MenuEntry) bool { return e.Enabled })
+
+	if err := it.Click(join.ID); err != nil {
+		t.Fatal(err)
+	}
+	q := notes.Wait(t, "Participate in Security Network?", 10*time.Second)
+	if n := strings.Count(q.Body, "You can stop at any time"); n != 1 {
+		t.Errorf("the question says it can be stopped %d times:\n%s", n, q.Body)
+	}
+	if err := notes.Invoke(q, "no"); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed(t, notes, q.ID)
+
+	waitEntry(t, it, string(tray.LabelJoin), func(e dt.MenuEntry) bool { return e.Enabled })
+	if err := it.Click(join.ID); err != nil {
+		t.Fatal(err)
+	}
+	q = notes.Wait(t, "Participate in Security Network?", 10*time.Second)
+	cli := exec.Command(filepath.Join(s.bin, "cloudprotect"), "--socket", s.socket, "participate", "--yes")
+	cli.Env = s.trayEnv()
+	if out, err := cli.CombinedOutput(); err != nil {
+		t.Fatalf("cloudprotect participate --yes: %v\n%s", err, out)
+	}
+	waitClosed(t, notes, q.ID)
+	waitEntry(t, it, string(tray.LabelJoined), func(e dt.MenuEntry) bool { return e.Enabled && e.ToggleState == 1 })
+}
+
+func waitClosed(t *testing.T, notes *dt.Notifications, id uint32) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case got := <-notes.Closed:
+			if got == id {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("notification %d was not closed", id)
+		}
+	}
+}
+
+// Without a panel the tray says so once, in a notification, and shows its
+// icon when a panel starts.
+func TestNoPanelNotice(t *testing.T) {
+	s := newSession(t)
+	notes := dt.StartNotifications(t, s.bus, true)
+	s.startAgent()
+	p := s.startTray()
+	n := notes.Wait(t, "icon cannot be shown", 20*time.Second)
+	if !strings.Contains(n.Body, "cloudprotect status") {
+		t.Errorf("no-panel notice %q does not name the command line", n.Body)
+	}
+	watcher := dt.StartWatcher(t, s.bus)
+	waitRegistered(t, watcher)
+	if strings.Contains(p.logs.String(), "failed to register") && strings.Contains(p.logs.String(), "level=ERROR") {
+		t.Errorf("a missing panel is logged as an error:\n%s", p.logs.String())
+	}
+}
+
+// The tray speaks the session's language.
+func TestTrayInGerman(t *testing.T) {
+	s := newSession(t)
+	dt.StartNotifications(t, s.bus, true)
+	watcher := dt.StartWatcher(t, s.bus)
+	s.startAgent()
+	s.env = append(s.env, "LANG=de_DE.UTF-8")
+	s.startTray()
+	it := dt.NewItem(s.bus.Conn(t), waitRegistered(t, watcher))
+	waitEntry(t, it, "Am Security Network teilnehmen…", func(e dt.MenuEntry) bool { return e.Enabled })
+	for _, want := range []string{"Cloud-Schutz ist aus: Ihre Antwort fehlt noch", "Erklärung zum Security Network lesen", "Beenden"} {
+		entry(t, it, want)
+	}
+	if tip, err := it.Tooltip(); err != nil || tip != "Cloud-Schutz: aus · Ihre Antwort fehlt noch" {
+		t.Errorf("tooltip %q (%v)", tip, err)
+	}
+}
+
+// fakeAgent serves the local API on a unix socket with an alert the test
+// chooses: the agent itself builds alerts only from the cloud's verdicts,
+// and what matters here is what the tray does with any name a file can
+// have.
+type fakeAgent struct {
+	socket string
+	alerts chan api.Alert
+}
+
+func startFakeAgent(t *testing.T, dir string) *fakeAgent {
+	t.Helper()
+	f := &fakeAgent{socket: filepath.Join(dir, "fake-agent.sock"), alerts: make(chan api.Alert, 4)}
+	ln, err := net.Listen("unix", f.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := api.Status{
+		Participation: api.Participation{State: api.StateParticipating, StatementVersion: 1, AcceptedVersion: 1, Collecting: true},
+		Agent:         api.AgentInfo{Mode: "system", ExecSource: "fanotify", Version: "test"},
+		CanChange:     true,
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/v1/status", func(w http.ResponseWriter, r *http.Request) { json.NewEncoder(w).Encode(status) })
+	mux.HandleFunc("/v1/alerts", func(w http.ResponseWriter, r *http.Request) { json.NewEncoder(w).Encode(api.AlertList{}) })
+	mux.HandleFunc("/v1/events", func(w http.ResponseWriter, r *http.Request) {
+		enc := json.NewEncoder(w)
+		enc.Encode(api.Event{Type: api.EventStatus, Status: &status})
+		w.(http.Flusher).Flush()
+		for {
+			select {
+			case a := <-f.alerts:
+				enc.Encode(api.Event{Type: api.EventAlert, Alert: &a})
+				w.(http.Flusher).Flush()
+			case <-r.Context().Done():
+				return
+			}
+		}
+	})
+	srv := &http.Server{Handler: mux}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return f
+}
+
+// A hostile file name never reaches a notification's title; in the body
+// it arrives escaped for markup, with its bidirectional override and line
+// breaks neutralised. The alert stays (critical, no expiry), the icon
+// shows the threat and the menu lists it until the person dismisses it.
+func TestHostileAlert(t *testing.T) {
+	s := newSession(t)
+	notes := dt.StartNotifications(t, s.bus, true)
+	watcher := dt.StartWatcher(t, s.bus)
+	fake := startFakeAgent(t, s.dir)
+	s.socket = fake.socket
+	s.startTray()
+	it := dt.NewItem(s.bus.Conn(t), waitRegistered(t, watcher))
+	waitIcon(t, it, icons.Participating)
+
+	name := "<b>Urgent</b> IT support & billing\u202Egpj.exe\nCall 555-0100 to restore access"
+	fake.alerts <- api.Alert{ID: 7, Time: time.Now(), SHA256: strings.Repeat("c", 64), Program: name,
+		Path: "~/Downloads/" + name, Verdict: "malicious", Source: "feed", Action: api.AlertActionBlocked}
+	n := notes.Wait(t, "Dangerous program", 10*time.Second)
+	if n.Summary != "Dangerous program blocked" {
+		t.Errorf("title %q: the title must be fixed text", n.Summary)
+	}
+	for _, bad := range []string{"<b>", "</b>", "\u202E", "555-0100 to restore access\n", " & "} {
+		if strings.Contains(n.Body, bad) {
+			t.Errorf("body carries %q unescaped:\n%s", bad, n.Body)
+		}
+	}
+	for _, want := range []string{"&lt;b&gt;Urgent&lt;/b&gt; IT support &amp; billing?gpj.exe?Call 555-0100", "~/Downloads/&lt;b&gt;"} {
+		if !strings.Contains(n.Body, want) {
+			t.Errorf("body lacks %q:\n%s", want, n.Body)
+		}
+	}
+	if n.Urgency != 2 || n.Timeout != 0 {
+		t.Errorf("alert urgency %d, timeout %d: want critical and no expiry", n.Urgency, n.Timeout)
+	}
+	waitIcon(t, it, icons.Threat)
+	e := waitEntry(t, it, "● Blocked ", func(e dt.MenuEntry) bool { return e.Enabled && e.Visible })
+	if strings.ContainsAny(e.Label, "\u202E\n") {
+		t.Errorf("menu entry %q carries the name's controls", e.Label)
+	}
+	if tip, _ := it.Tooltip(); !strings.HasPrefix(tip, "1 new detection · ") {
+		t.Errorf("tooltip %q", tip)
+	}
+
+	// Dismissed by the person: seen.
+	if err := notes.Close(n, 2); err != nil {
+		t.Fatal(err)
+	}
+	waitIcon(t, it, icons.Participating)
+	waitEntry(t, it, "Blocked ", func(e dt.MenuEntry) bool { return e.Visible })
 }

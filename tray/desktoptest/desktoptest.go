@@ -142,6 +142,8 @@ type Notification struct {
 	Body    string
 	Actions []string
 	Timeout int32
+	// Urgency is the "urgency" hint: 0 low, 1 normal, 2 critical.
+	Urgency byte
 }
 
 // HasAction reports whether n offers the action key.
@@ -155,15 +157,20 @@ func (n Notification) HasAction(key string) bool {
 }
 
 // Notifications is a notification server. Notifications without actions
-// expire at once: it sends NotificationClosed (reason 1, expired) to their
-// sender, as a real server does when a notification times out.
+// that may expire expire at once: it sends NotificationClosed (reason 1,
+// expired) to their sender, as a real server does when a notification
+// times out. It reads body markup, as dunst does.
 type Notifications struct {
 	conn    *dbus.Conn
 	actions bool
 	Notes   chan Notification
+	// Closed receives the id of each notification its sender closed
+	// with CloseNotification.
+	Closed chan uint32
 
-	mu   sync.Mutex // protects next
-	next uint32
+	mu     sync.Mutex // protects next and sender
+	next   uint32
+	sender map[uint32]string
 }
 
 const (
@@ -175,7 +182,8 @@ const (
 // whether it advertises the "actions" capability.
 func StartNotifications(tb testing.TB, b *Bus, actions bool) *Notifications {
 	tb.Helper()
-	n := &Notifications{conn: b.Conn(tb), actions: actions, Notes: make(chan Notification, 64)}
+	n := &Notifications{conn: b.Conn(tb), actions: actions, Notes: make(chan Notification, 64),
+		Closed: make(chan uint32, 64), sender: map[uint32]string{}}
 	if err := n.conn.Export(notifyMethods{n}, notifyPath, notifyName); err != nil {
 		tb.Fatal(err)
 	}
@@ -193,13 +201,17 @@ func (m notifyMethods) Notify(sender dbus.Sender, app string, replaces uint32, i
 	m.n.mu.Lock()
 	m.n.next++
 	id := m.n.next
+	m.n.sender[id] = string(sender)
 	m.n.mu.Unlock()
 	note := Notification{ID: id, Sender: string(sender), AppName: app, Summary: summary, Body: body, Actions: actions, Timeout: timeout}
+	if u, ok := hints["urgency"]; ok {
+		note.Urgency, _ = u.Value().(byte)
+	}
 	select {
 	case m.n.Notes <- note:
 	default:
 	}
-	if len(actions) == 0 {
+	if len(actions) == 0 && timeout != 0 {
 		go func() {
 			time.Sleep(10 * time.Millisecond)
 			m.n.Close(note, 1)
@@ -209,7 +221,7 @@ func (m notifyMethods) Notify(sender dbus.Sender, app string, replaces uint32, i
 }
 
 func (m notifyMethods) GetCapabilities() ([]string, *dbus.Error) {
-	caps := []string{"body", "icon-static"}
+	caps := []string{"body", "body-markup", "icon-static"}
 	if m.n.actions {
 		caps = append(caps, "actions")
 	}
@@ -220,7 +232,21 @@ func (m notifyMethods) GetServerInformation() (string, string, string, string, *
 	return "desktoptest", "cloudprotect", "1", "1.2", nil
 }
 
-func (m notifyMethods) CloseNotification(id uint32) *dbus.Error { return nil }
+// CloseNotification closes a notification as a server does: it tells the
+// sender with NotificationClosed, reason 3 (closed by a call).
+func (m notifyMethods) CloseNotification(id uint32) *dbus.Error {
+	m.n.mu.Lock()
+	sender, ok := m.n.sender[id]
+	m.n.mu.Unlock()
+	if ok {
+		select {
+		case m.n.Closed <- id:
+		default:
+		}
+		go m.n.Close(Notification{ID: id, Sender: sender}, 3)
+	}
+	return nil
+}
 
 // Invoke answers a notification as a person clicking the action key does:
 // ActionInvoked, then NotificationClosed (dismissed by the user).

@@ -38,21 +38,11 @@ func cmdStatus(ctx context.Context, r *runner, args []string) error {
 // Headline says the state of cloud protection in one line, in the words
 // the tray uses for the same state.
 func Headline(p *i18n.Printer, st api.Status) string {
-	pa := st.Participation
-	switch {
-	case pa.Locked && pa.State == api.StateParticipating:
-		return p.Sprintf("Cloud protection is on (managed by your organisation)")
-	case pa.Locked:
-		return p.Sprintf("Cloud protection is off: your organisation manages participation")
-	case pa.State == api.StateParticipating && pa.Paused:
-		return p.Sprintf("Cloud protection is paused: the Security Network Statement changed (version %d); agree to it again to continue", pa.StatementVersion)
-	case pa.State == api.StateParticipating:
-		return p.Sprintf("Cloud protection is on")
-	case pa.State == api.StateDeclined:
-		return p.Sprintf("Cloud protection is off: you do not participate in the Security Network")
-	default:
-		return p.Sprintf("Cloud protection is off: waiting for your answer (participate in the Security Network?)")
+	h := i18n.Headline(p, st)
+	if st.Participation.Paused {
+		h += p.Sprintf(" (version %d); agree to it again to continue", st.Participation.StatementVersion)
 	}
+	return h
 }
 
 // stateName is a participation state in words.

@@ -26,7 +26,7 @@ import (
 
 // Keep these in step with package icons.
 var (
-	states   = []string{"participating", "declined", "undecided", "limited", "unreachable"}
+	states   = []string{"participating", "declined", "undecided", "limited", "unreachable", "threat"}
 	sizes    = []int{16, 22, 24, 32, 48, 64, 256}
 	icoSizes = []int{16, 24, 32, 48, 64, 256}
 )
@@ -130,7 +130,8 @@ func contactSheet(path string, rendered map[string]map[int][]byte) error {
 		"declined":      "not participating",
 		"undecided":     "needs your answer",
 		"limited":       "limited",
-		"unreachable":   "agent unreachable",
+		"unreachable":   "agent not running",
+		"threat":        "new detection",
 	}
 	show := []struct{ size, zoom int }{{16, 4}, {22, 3}, {24, 3}, {16, 1}, {22, 1}, {24, 1}, {48, 1}}
 	const colW, rowH, labelW, head = 560, 110, 150, 30
