@@ -15,9 +15,9 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
-	"github.com/cloudprotect/cloudprotect/wire/safetext"
 )
 
 // Agent is what the tray needs from the agent's local API; *localapi.Client
@@ -469,8 +469,8 @@ func (a *App) addAlerts(list []api.Alert) {
 // the program's name and path, which anyone who can name a file chooses,
 // appear in the body only, made safe to show.
 func (a *App) alertNote(al api.Alert, critical bool) Note {
-	program := safetext.Short(al.Program, 80)
-	path := safetext.Short(al.Path, 240)
+	program := short(al.Program, 80)
+	path := short(al.Path, 240)
 	verdict := a.p.Sprintf("malicious")
 	if al.Verdict == "untrusted" {
 		verdict = a.p.Sprintf("untrusted")

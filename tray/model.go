@@ -5,9 +5,9 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
-	"github.com/cloudprotect/cloudprotect/wire/safetext"
 )
 
 // Title is the tray item's title, also its identity on the bus. It is the
@@ -220,9 +220,9 @@ func buildAlerts(m *Menu, v View, p *i18n.Printer) int {
 }
 
 func alertLabel(a SeenAlert, now time.Time, p *i18n.Printer) string {
-	program := safetext.Short(a.Alert.Program, 40)
+	program := short(a.Alert.Program, 40)
 	if program == "" {
-		program = safetext.Short(a.Alert.Path, 40)
+		program = short(a.Alert.Path, 40)
 	}
 	var s string
 	if a.Alert.Action == api.AlertActionBlocked {

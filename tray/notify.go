@@ -11,14 +11,15 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/esiqveland/notify"
 	"github.com/gen2brain/beeep"
 	"github.com/godbus/dbus/v5"
 
+	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/icons"
-	"github.com/cloudprotect/cloudprotect/wire/safetext"
 )
 
 // BeeepNotifier shows simple notifications with beeep, which falls back
@@ -127,28 +128,16 @@ func (d *DBusNotifier) Notify(n Note) error {
 // body makes text safe for the server: one line per line, escaped when
 // the server reads markup.
 func (d *DBusNotifier) body(text string) string {
-	lines := bytes.Split([]byte(text), []byte("\n"))
-	out := make([]string, len(lines))
-	markup := slices.Contains(d.caps, "body-markup")
+	lines := strings.Split(text, "\n")
+	escape := slices.Contains(d.caps, "body-markup")
 	for i, l := range lines {
-		if markup {
-			out[i] = safetext.Markup(string(l))
+		if escape {
+			lines[i] = markup(l)
 		} else {
-			out[i] = safetext.Line(string(l))
+			lines[i] = safetext.Line(l)
 		}
 	}
-	return joinLines(out)
-}
-
-func joinLines(s []string) string {
-	var b bytes.Buffer
-	for i, l := range s {
-		if i > 0 {
-			b.WriteByte('\n')
-		}
-		b.WriteString(l)
-	}
-	return b.String()
+	return strings.Join(lines, "\n")
 }
 
 // DBusConfirmer asks Yes/No with a notification carrying two actions, on a
@@ -207,7 +196,7 @@ func (c DBusConfirmer) Confirm(ctx context.Context, q Question) (bool, error) {
 
 	body := q.Body
 	if slices.Contains(caps, "body-markup") {
-		body = safetext.Markup(body)
+		body = markup(body)
 	}
 	note := notify.Notification{
 		AppName:       Title,

@@ -14,9 +14,9 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/version"
-	"github.com/cloudprotect/cloudprotect/wire/safetext"
 )
 
 func cmdStatus(ctx context.Context, r *runner, args []string) error {

@@ -12,7 +12,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/wire/safetext"
+	"github.com/cloudprotect/cloudprotect/agent/safetext"
 )
 
 // cmdAllow manages the local exceptions: programs allowed on this computer
