@@ -111,13 +111,15 @@ func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error
 	// some installation is recent. An analyst's decision overrides the
 	// feeds either way.
 	since := now.Add(-detectionWindow).Unix()
-	err = s.query(ctx, `SELECT r.sha256, COUNT(*), MAX(st.last_seen), CASE WHEN MAX(d.verdict) IS NULL THEN 'feed' ELSE 'analyst' END
-		FROM (SELECT DISTINCT sha256 FROM stats WHERE created_at >= ?) r
-		JOIN stats st ON st.sha256 = r.sha256
-		LEFT JOIN decisions d ON d.sha256 = r.sha256
-		WHERE d.verdict = 'malicious'
-		   OR (d.verdict IS NULL AND EXISTS (SELECT 1 FROM listed l WHERE l.sha256 = r.sha256 AND l.list = 'malicious'))
-		GROUP BY r.sha256`, []any{since}, func(rows *sql.Rows) error {
+	// The recent files are filtered to the malicious ones before their
+	// reports are counted: most recent files are common programs.
+	err = s.query(ctx, `WITH recent AS (SELECT DISTINCT sha256 FROM stats WHERE created_at >= ?),
+		mal AS (SELECT r.sha256, CASE WHEN d.verdict IS NULL THEN 'feed' ELSE 'analyst' END AS src
+			FROM recent r LEFT JOIN decisions d ON d.sha256 = r.sha256
+			WHERE d.verdict = 'malicious'
+			   OR (d.verdict IS NULL AND EXISTS (SELECT 1 FROM listed l WHERE l.sha256 = r.sha256 AND l.list = 'malicious')))
+		SELECT m.sha256, COUNT(*), MAX(st.last_seen), m.src FROM mal m JOIN stats st ON st.sha256 = m.sha256
+		GROUP BY m.sha256, m.src`, []any{since}, func(rows *sql.Rows) error {
 		var (
 			dt   Detection
 			last int64
@@ -203,14 +205,33 @@ func (s *sqlStore) RareFiles(ctx context.Context, since time.Time, maxInstallati
 }
 
 // rare returns those of hashes reported by at most maxInstallations and
-// first stored since since.
+// first stored since since. Each candidate costs two bounded index
+// probes; only the few that qualify are read in detail.
 func (s *sqlStore) rare(ctx context.Context, hashes []string, since time.Time, maxInstallations int) ([]RareFile, error) {
-	cond, arg := s.in("s.sha256", hashes)
+	var keep []string
+	err := s.query(ctx, `SELECT c.sha256 FROM `+fmt.Sprintf(s.d.hashTable, "c")+`
+		WHERE NOT EXISTS (SELECT 1 FROM stats o WHERE o.sha256 = c.sha256 AND o.created_at < ?)
+		  AND (SELECT COUNT(*) FROM (SELECT 1 FROM stats o WHERE o.sha256 = c.sha256 LIMIT ?) AS n) <= ?`,
+		[]any{s.d.hashesArg(hashes), since.Unix(), maxInstallations + 1, maxInstallations}, func(rows *sql.Rows) error {
+			var h string
+			if err := rows.Scan(&h); err != nil {
+				return err
+			}
+			keep = append(keep, h)
+			return nil
+		})
+	if err != nil {
+		return nil, fmt.Errorf("read rare files: %w", err)
+	}
+	if len(keep) == 0 {
+		return nil, nil
+	}
+	cond, arg := s.in("s.sha256", keep)
 	var out []RareFile
-	err := s.query(ctx, `SELECT s.sha256, COUNT(*), MIN(s.created_at), MAX(s.kind), MIN(s.path),
+	err = s.query(ctx, `SELECT s.sha256, COUNT(*), MIN(s.created_at), MAX(s.kind), MIN(s.path),
 		(SELECT COUNT(*) FROM decisions d WHERE d.sha256 = s.sha256)
-		FROM stats s WHERE `+cond+` GROUP BY s.sha256 HAVING COUNT(*) <= ? AND MIN(s.created_at) >= ?`,
-		[]any{arg, maxInstallations, since.Unix()}, func(rows *sql.Rows) error {
+		FROM stats s WHERE `+cond+` GROUP BY s.sha256`,
+		[]any{arg}, func(rows *sql.Rows) error {
 			var (
 				r       RareFile
 				stored  int64

@@ -99,6 +99,7 @@ var postgresDialect = &dialect{
 	rebind:         rebindDollar,
 	upsertStats:    postgresUpsertStats,
 	inHashes:       "%s = ANY(?::text[])",
+	hashTable:      "unnest(?::text[]) AS %s(sha256)",
 	hashesArg:      func(h []string) any { return h },
 	columns:        postgresColumns,
 }

@@ -24,6 +24,9 @@ type dialect struct {
 	// parameter, %s standing for the column; hashesArg makes the parameter.
 	inHashes  string
 	hashesArg func([]string) any
+	// hashTable is a table of one column, sha256, holding the hashes of
+	// one parameter (see hashesArg), %s standing for its alias.
+	hashTable string
 	columns   func(ctx context.Context, db *sql.DB) (map[string][]column, error)
 	// afterDelete runs after a deletion committed, to clear what the
 	// database keeps of deleted rows outside its tables.

@@ -101,6 +101,7 @@ var sqliteDialect = &dialect{
 	rebind:      func(q string) string { return q },
 	upsertStats: sqliteUpsertStats,
 	inHashes:    "%s IN (SELECT value FROM json_each(?))",
+	hashTable:   "(SELECT value AS sha256 FROM json_each(?)) AS %s",
 	hashesArg: func(h []string) any {
 		b, _ := json.Marshal(h) // []string always marshals
 		return string(b)

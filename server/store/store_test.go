@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -429,6 +430,91 @@ func TestDeleteRacesIngest(t *testing.T) {
 					t.Fatalf("round %d: %s holds %d rows of a deleted installation", round, table, n)
 				}
 			}
+		}
+	})
+}
+
+func TestOverviewAndRareFiles(t *testing.T) {
+	t.Parallel()
+	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
+		t.Parallel()
+		ctx := context.Background()
+		s := storetest.New(t, b)
+		now := t0.Add(10 * time.Hour) // 22:00 UTC
+		day := 24 * time.Hour
+		// Four installations; "old" reported hash 1 ten days ago, the
+		// others report hash 1 and their own files now and then.
+		for _, id := range []string{"old", "a", "b", "c"} {
+			register(t, s, id)
+		}
+		ingest := func(id, batch string, at time.Time, stats ...store.Stat) {
+			t.Helper()
+			if _, err := s.Ingest(ctx, id, batch, stats, at); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ingest("old", "x", now.Add(-10*day), stat(1, 1, t0, t0))
+		ingest("a", "x", now.Add(-2*time.Hour), stat(1, 1, t0, t0), stat(2, 1, t0, t0), stat(3, 1, t0, t0))
+		ingest("b", "x", now.Add(-90*time.Minute), stat(2, 1, t0, t0), stat(4, 1, t0, t0))
+		ingest("c", "x", now.Add(-30*time.Minute), stat(2, 1, t0, t0), stat(5, 2, t0, t0))
+		ingest("c", "y", now.Add(-20*time.Minute), stat(6, 1, t0, t0))
+		if _, err := s.ImportLists(ctx, "f", map[string][]string{store.ListMalicious: {hash(4), hash(5), hash(99)}}, false, now); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Decide(ctx, hash(5), "trusted", "ana", "vendor", now); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Decide(ctx, hash(3), "malicious", "ana", "sandbox", now); err != nil {
+			t.Fatal(err)
+		}
+		o, err := s.Overview(ctx, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o.Installations != 4 || o.ActiveInstallations != 3 {
+			t.Errorf("installations %d, active %d; want 4 and 3", o.Installations, o.ActiveInstallations)
+		}
+		var total int64
+		for _, n := range o.RecordsPerHour {
+			total += n
+		}
+		if total != 8 || o.RecordsPerHour[21] != 5 || o.RecordsPerHour[22] != 3 {
+			t.Errorf("records per hour %v; want 5 in the hour from 20:00, 3 from 21:00", o.RecordsPerHour)
+		}
+		if o.NewFilesToday != 5 { // 2, 3, 4, 5, 6: hash 1 was first reported 10 days ago
+			t.Errorf("new files today %d; want 5", o.NewFilesToday)
+		}
+		var det []string
+		for _, d := range o.Detections {
+			det = append(det, fmt.Sprintf("%s/%d/%s", d.SHA256[:4], d.Installations, d.Source))
+		}
+		want := []string{hash(3)[:4] + "/1/analyst", hash(4)[:4] + "/1/feed"}
+		slices.Sort(det)
+		slices.Sort(want)
+		if !slices.Equal(det, want) || o.DetectionsTotal != 2 {
+			t.Errorf("detections %v (total %d); want %v: the analyst's trusted overrides the feed, unreported hashes are not detections", det, o.DetectionsTotal, want)
+		}
+		if len(o.RecentChanges) != 5 || o.RecentChanges[0].SHA256 != hash(3) {
+			t.Errorf("recent changes %+v; want 5, newest (the decision on hash 3) first", o.RecentChanges)
+		}
+
+		rare, err := s.RareFiles(ctx, now.Add(-7*day), 1, 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, r := range rare {
+			got = append(got, fmt.Sprintf("%s/%d", r.SHA256[:4], r.Installations))
+		}
+		want = []string{hash(6)[:4] + "/1", hash(5)[:4] + "/1", hash(4)[:4] + "/1", hash(3)[:4] + "/1"}
+		if !slices.Equal(got, want) {
+			t.Errorf("rare files %v; want %v (newest first; hash 2 is on three installations, hash 1 older)", got, want)
+		}
+		if !rare[1].Decided || rare[2].Decided {
+			t.Errorf("decided flags %+v", rare)
+		}
+		if rare, err := s.RareFiles(ctx, now.Add(-7*day), 3, 2); err != nil || len(rare) != 2 {
+			t.Errorf("limit 2: %d files, %v", len(rare), err)
 		}
 	})
 }
