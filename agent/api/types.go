@@ -116,6 +116,9 @@ type UploadInfo struct {
 	NextAttempt    *time.Time `json:"next_attempt,omitempty"`
 	RecordsSent    uint64     `json:"records_sent"`
 	BatchesDropped uint64     `json:"batches_dropped"`
+	// RecordsRefused counts records the server refused for good: each
+	// was dropped alone, once smaller batches singled it out.
+	RecordsRefused uint64 `json:"records_refused"`
 	// DeletionPending is true while a deletion request waits for the
 	// server's confirmation.
 	DeletionPending bool `json:"deletion_pending"`
@@ -155,7 +158,14 @@ type QueuePreview struct {
 
 // UploadResult is the answer to POST /v1/upload.
 type UploadResult struct {
-	Sent    int    `json:"sent"`
+	// Sent is the number of records the server accepted.
+	Sent int `json:"sent"`
+	// Refused is the number of records the server refused for good
+	// (dropped, each alone); RefusedReason is the server's reason for the
+	// last one.
+	Refused       int    `json:"refused"`
+	RefusedReason string `json:"refused_reason,omitempty"`
+	// Pending is the number of records still waiting.
 	Pending int    `json:"pending"`
 	Message string `json:"message"`
 }

@@ -149,7 +149,7 @@ func TestStreamJSONMatchesEncodingJSON(t *testing.T) {
 func TestSlowReaderOfLargeAnswerDropped(t *testing.T) {
 	sock, s := serve(t, func(s *Server) {
 		s.lim.exempt = func(Cred) bool { return false } // count the test's own connections
-		s.writeTimeout = 200 * time.Millisecond
+		s.writeTimeout = 2 * time.Second
 		s.largeWait = time.Minute
 		s.backend.(*fakeBackend).preview = bigPreview(2000, 2000) // about 4 MB
 	})

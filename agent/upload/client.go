@@ -24,6 +24,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 
@@ -208,15 +209,35 @@ func (c *Client) Register(ctx context.Context, req wire.RegisterRequest) (wire.R
 // EncodeBatch returns the body of POST /v1/statistics for b: its JSON,
 // gzip-compressed.
 func EncodeBatch(b *wire.Batch) ([]byte, error) {
+	gz, _, err := encodeBatch(b)
+	return gz, err
+}
+
+// encodeBatch is EncodeBatch; it also returns the size of the JSON, which
+// the server bounds too (wire.MaxBatchDecoded).
+func encodeBatch(b *wire.Batch) (gz []byte, decoded int, err error) {
 	var buf bytes.Buffer
 	zw := gzip.NewWriter(&buf)
-	if err := json.NewEncoder(zw).Encode(b); err != nil {
-		return nil, fmt.Errorf("encode batch: %w", err)
+	cw := &countWriter{w: zw}
+	if err := json.NewEncoder(cw).Encode(b); err != nil {
+		return nil, 0, fmt.Errorf("encode batch: %w", err)
 	}
 	if err := zw.Close(); err != nil {
-		return nil, fmt.Errorf("encode batch: %w", err)
+		return nil, 0, fmt.Errorf("encode batch: %w", err)
 	}
-	return buf.Bytes(), nil
+	return buf.Bytes(), cw.n, nil
+}
+
+// countWriter counts what is written through it.
+type countWriter struct {
+	w io.Writer
+	n int
+}
+
+func (c *countWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += n
+	return n, err
 }
 
 // PostBatch sends a batch encoded by EncodeBatch: POST /v1/statistics
@@ -350,19 +371,13 @@ func isJSON(contentType string) bool {
 	return err == nil && mt == "application/json"
 }
 
-// clean keeps a server-supplied message printable and short before it is
-// logged or shown.
+// clean keeps a server-supplied message short and printable on one line
+// (safetext.Line) before it is logged or shown.
 func clean(s string) string {
 	if len(s) > 300 {
 		s = s[:300]
 	}
-	s = strings.ToValidUTF8(s, "?")
-	return strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
-			return ' '
-		}
-		return r
-	}, s)
+	return safetext.Line(s)
 }
 
 // ParseRetryAfter reads a Retry-After header, delay-seconds or an HTTP

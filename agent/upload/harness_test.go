@@ -46,7 +46,9 @@ const (
 	modeWrongType   = "wrong-type"
 	modeRedirect    = "redirect" // 307 to another host
 	mode422         = "422"
-	modeForgetToken = "forget" // 401 once: the server lost the installation
+	modeRefuseSome  = "refuse-some"  // 422 naming a record for batches holding a hash in refuse
+	modeSmallBodies = "small-bodies" // 413 for bodies over maxBody, as a proxy with a small limit
+	modeForgetToken = "forget"       // 401 once: the server lost the installation
 )
 
 // scripted is a Security Network server whose answers a test scripts.
@@ -72,6 +74,9 @@ type scripted struct {
 	requests   int
 	badTokens  int
 	redirectTo string
+	refuse     map[string]bool // hashes refused in modeRefuseSome
+	maxBody    int             // modeSmallBodies
+	largest    int             // largest body posted, decoded
 }
 
 func newScripted(t *testing.T, clk *uploadtest.Clock) *scripted {
@@ -212,6 +217,11 @@ func (s *scripted) statistics(w http.ResponseWriter, r *http.Request) {
 	case mode422:
 		writeJSON(w, http.StatusUnprocessableEntity, wire.Error{Error: "invalid batch: records[0].path: empty"})
 		return
+	case modeSmallBodies:
+		if len(body) > s.maxBody {
+			writeJSON(w, http.StatusRequestEntityTooLarge, wire.Error{Error: "request entity too large"})
+			return
+		}
 	}
 	tok := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 	s.mu.Lock()
@@ -238,10 +248,34 @@ func (s *scripted) statistics(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, wire.Error{Error: "not gzip"})
 		return
 	}
+	plain, err := io.ReadAll(io.LimitReader(zr, wire.MaxBatchDecoded+1))
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, wire.Error{Error: "corrupt gzip"})
+		return
+	}
+	if len(plain) > wire.MaxBatchDecoded {
+		writeJSON(w, http.StatusRequestEntityTooLarge, wire.Error{Error: "batch decompresses to more than 8 MiB"})
+		return
+	}
+	s.mu.Lock()
+	s.largest = max(s.largest, len(plain))
+	s.mu.Unlock()
 	var b wire.Batch
-	if err := json.NewDecoder(zr).Decode(&b); err != nil || b.BatchID != r.Header.Get("Idempotency-Key") {
+	if err := json.Unmarshal(plain, &b); err != nil || b.BatchID != r.Header.Get("Idempotency-Key") {
 		writeJSON(w, http.StatusBadRequest, wire.Error{Error: "bad batch"})
 		return
+	}
+	if s.mode.Load().(string) == modeRefuseSome {
+		s.mu.Lock()
+		refuse := s.refuse
+		s.mu.Unlock()
+		for i, rec := range b.Records {
+			if refuse[rec.SHA256] {
+				writeJSON(w, http.StatusUnprocessableEntity, wire.Error{
+					Error: fmt.Sprintf("invalid batch: records[%d].path: holds a user's home directory", i), Hint: "anonymise it"})
+				return
+			}
+		}
 	}
 	if err := b.Validate(s.clk.Now()); err != nil {
 		writeJSON(w, http.StatusUnprocessableEntity, wire.Error{Error: err.Error()})

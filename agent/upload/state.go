@@ -60,6 +60,8 @@ type Deletion struct {
 //	last_upload      when a batch was last accepted
 //	records_sent     records the server accepted, ever
 //	batches_dropped  batches the server refused for good, ever
+//	records_refused  records the server refused for good, ever (each
+//	                 alone, once smaller batches singled it out)
 //
 // Invariants: every credential has a valid installation ID, a token and
 // a server URL NewClient accepts; an installation ID appears at most once
@@ -83,6 +85,7 @@ type state struct {
 	LastUpload     *time.Time   `json:"last_upload,omitempty"`
 	RecordsSent    uint64       `json:"records_sent"`
 	BatchesDropped uint64       `json:"batches_dropped"`
+	RecordsRefused uint64       `json:"records_refused,omitempty"`
 }
 
 // loadState reads the state file. problems lists what was repaired, for
@@ -126,7 +129,7 @@ func loadState(path string, now time.Time) (st state, problems []string, err err
 		st.Deletions = append(st.Deletions, d)
 	}
 	st.LastUpload = got.LastUpload
-	st.RecordsSent, st.BatchesDropped = got.RecordsSent, got.BatchesDropped
+	st.RecordsSent, st.BatchesDropped, st.RecordsRefused = got.RecordsSent, got.BatchesDropped, got.RecordsRefused
 	return st, problems, nil
 }
 

@@ -106,10 +106,13 @@ type Options struct {
 	// NudgeThreshold is the number of pending records at which a Nudge
 	// sends at once instead of waiting for the interval (default 1,000).
 	NudgeThreshold int
-	// MaxBatchRecords and MaxBatchBytes bound a batch (default
-	// wire.MaxBatchRecords and wire.MaxBatchCompressed).
+	// MaxBatchRecords, MaxBatchBytes and MaxBatchDecoded bound a batch:
+	// its records, its size compressed and its size as JSON (default
+	// wire.MaxBatchRecords, wire.MaxBatchCompressed and
+	// wire.MaxBatchDecoded, the server's limits).
 	MaxBatchRecords int
 	MaxBatchBytes   int
+	MaxBatchDecoded int
 	// MinBackoff and MaxBackoff bound the exponential backoff after
 	// network errors and 5xx answers (default 30 s and 30 min).
 	MinBackoff, MaxBackoff time.Duration
@@ -162,17 +165,19 @@ type Uploader struct {
 	delFailures int
 	nextAttempt time.Time
 	lastErr     string
-	// batchLimit is the number of records that last fit in a batch; each
-	// drain starts again from MaxBatchRecords.
+	// batchLimit is the number of records that last fit in a batch (or
+	// that the server last took); each drain starts again from
+	// MaxBatchRecords.
 	batchLimit int
 	// lastBatch is the last batch encoded, kept for its retries.
 	lastBatch encoded
 }
 
 type encoded struct {
-	id string
-	sv int
-	gz []byte
+	id      string
+	sv      int
+	gz      []byte
+	decoded int // bytes of JSON before gzip
 }
 
 type sendRequest struct {
@@ -224,6 +229,9 @@ func New(opts Options) (*Uploader, error) {
 	}
 	if opts.MaxBatchBytes <= 0 || opts.MaxBatchBytes > wire.MaxBatchCompressed {
 		opts.MaxBatchBytes = wire.MaxBatchCompressed
+	}
+	if opts.MaxBatchDecoded <= 0 || opts.MaxBatchDecoded > wire.MaxBatchDecoded {
+		opts.MaxBatchDecoded = wire.MaxBatchDecoded
 	}
 	if opts.Jitter == nil {
 		opts.Jitter = rand.Float64
@@ -355,6 +363,7 @@ func (u *Uploader) Status() api.UploadInfo {
 		LastError:       u.lastErr,
 		RecordsSent:     u.st.RecordsSent,
 		BatchesDropped:  u.st.BatchesDropped,
+		RecordsRefused:  u.st.RecordsRefused,
 		DeletionPending: len(u.st.Deletions) > 0,
 	}
 	if u.st.LastUpload != nil {
@@ -523,22 +532,32 @@ func (u *Uploader) sendAtOnce(ctx context.Context, force bool) (api.UploadResult
 		return api.UploadResult{Pending: u.opts.Queue.Pending()},
 			fmt.Errorf("send now: the server asked to wait until %s", wait.UTC().Format(time.RFC3339))
 	}
-	sent, err := u.drain(ctx)
-	res := api.UploadResult{Sent: sent, Pending: u.opts.Queue.Pending()}
+	d, err := u.drain(ctx)
+	res := api.UploadResult{Sent: d.sent, Refused: d.refused, RefusedReason: d.reason, Pending: u.opts.Queue.Pending()}
 	switch {
 	case err != nil:
-		res.Message = fmt.Sprintf("sent %d records before an error", sent)
-	case sent == 0:
+		res.Message = fmt.Sprintf("sent %d records before an error", d.sent)
+	case d.sent == 0 && d.refused == 0:
 		res.Message = "nothing to send"
 	default:
-		res.Message = fmt.Sprintf("sent %d records", sent)
+		res.Message = fmt.Sprintf("sent %d records", d.sent)
+	}
+	if d.refused > 0 {
+		res.Message += fmt.Sprintf("; the server refused %d records, which were dropped (%s)", d.refused, d.reason)
 	}
 	return res, err
 }
 
+// drained is what one drain did: records the server accepted, records it
+// refused for good (dropped), and why the last one was refused.
+type drained struct {
+	sent, refused int
+	reason        string
+}
+
 // drain sends batches until the queue is empty or a request fails, then
 // schedules the next upload or the retry.
-func (u *Uploader) drain(ctx context.Context) (sent int, err error) {
+func (u *Uploader) drain(ctx context.Context) (d drained, err error) {
 	defer func() {
 		u.mu.Lock()
 		u.batchLimit = 0
@@ -547,13 +566,17 @@ func (u *Uploader) drain(ctx context.Context) (sent int, err error) {
 		u.changed()
 	}()
 	for range maxBatchesPerCycle {
-		n, empty, err := u.sendOne(ctx)
-		sent += n
+		o, err := u.sendOne(ctx)
+		d.sent += o.sent
+		d.refused += o.refused
+		if o.reason != "" {
+			d.reason = o.reason
+		}
 		if err != nil {
 			u.failed(ctx, err)
-			return sent, err
+			return d, err
 		}
-		if empty || u.opts.Queue.Pending() == 0 {
+		if o.empty || u.opts.Queue.Pending() == 0 {
 			break
 		}
 	}
@@ -562,7 +585,7 @@ func (u *Uploader) drain(ctx context.Context) (sent int, err error) {
 	u.nextUpload = now.Add(u.opts.Interval)
 	u.failures, u.retryAt = 0, time.Time{}
 	u.mu.Unlock()
-	return sent, nil
+	return d, nil
 }
 
 // failed schedules the retry after err.
@@ -604,46 +627,66 @@ func backoff(n int, lo, hi time.Duration, jitter func() float64) time.Duration {
 	return d/2 + time.Duration(jitter()*float64(d/2))
 }
 
-// sendOne sends one batch. It returns the records the server accepted,
-// and empty when nothing was pending.
-func (u *Uploader) sendOne(ctx context.Context) (n int, empty bool, err error) {
+// outcome is what sendOne did with one batch.
+type outcome struct {
+	sent    int    // records the server accepted
+	refused int    // records it refused for good, dropped
+	reason  string // why it refused them
+	empty   bool   // nothing was pending
+}
+
+// refusedRecords reports whether a refusal is about the records in the
+// batch, so that a smaller batch or one without the offending record can
+// succeed: 413 (too large for the server, or for a proxy before it) and
+// 422 naming a record. Other refusals (400, or 422 about the batch
+// itself) are not the records' fault: the batch is kept and retried.
+func refusedRecords(se *StatusError) bool {
+	return se.Code == http.StatusRequestEntityTooLarge ||
+		(se.Code == http.StatusUnprocessableEntity && strings.Contains(se.Message, "records["))
+}
+
+// sendOne sends one batch. A batch the server refuses because of its
+// records is split: given back, and half as many records are cut, down to
+// the single record at fault, which alone is dropped and counted. Nothing
+// else is dropped.
+func (u *Uploader) sendOne(ctx context.Context) (outcome, error) {
 	gen := u.generation()
 	if !u.opts.Allowed() {
-		return 0, false, ErrNotParticipating
+		return outcome{}, ErrNotParticipating
 	}
 	id, recs, gz, err := u.takeBatch()
 	if err != nil || len(recs) == 0 {
-		return 0, len(recs) == 0, err
+		return outcome{empty: len(recs) == 0}, err
 	}
 	// Registration waits until there is something to send: the batch
 	// taken stays in flight with its ID if registering fails.
 	creds, err := u.ensureRegistered(ctx, gen)
 	if err != nil {
-		return 0, false, err
+		return outcome{}, err
 	}
 	for attempt := 0; ; attempt++ {
 		var c *Client
 		if c, err = u.client(creds.Server); err != nil {
-			return 0, false, err
+			return outcome{}, err
 		}
 		var rctx context.Context
 		var done context.CancelFunc
 		if rctx, done, err = u.begin(ctx, gen, true); err != nil {
-			return 0, false, err
+			return outcome{}, err
 		}
 		_, err = c.PostBatch(rctx, creds.Token, id, gz)
 		done()
 		if u.generation() != gen {
 			// Left while the batch was in flight: the queue was purged;
 			// the batch is neither acknowledged nor sent again.
-			return 0, false, errLeft
+			return outcome{}, errLeft
 		}
 		var se *StatusError
 		if attempt == 0 && errors.As(err, &se) && se.Code == http.StatusUnauthorized {
 			u.log.Warn("the server no longer knows this installation: registering again")
 			u.forget(creds)
 			if creds, err = u.ensureRegistered(ctx, gen); err != nil {
-				return 0, false, err
+				return outcome{}, err
 			}
 			continue
 		}
@@ -661,31 +704,47 @@ func (u *Uploader) sendOne(ctx context.Context) (n int, empty bool, err error) {
 		u.st.LastUpload = &now
 		u.dirty = true
 		u.lastErr = ""
+		// After batches were split, they grow again while the server
+		// takes them.
+		u.batchLimit = min(2*len(recs), u.opts.MaxBatchRecords)
 		u.mu.Unlock()
 		u.log.Info("batch sent", "batch", id, "records", len(recs), "bytes", len(gz))
-		return len(recs), false, nil
-	case errors.As(err, &se) && (se.Code == http.StatusBadRequest || se.Code == http.StatusRequestEntityTooLarge || se.Code == http.StatusUnprocessableEntity):
+		return outcome{sent: len(recs)}, nil
+	case errors.As(err, &se) && refusedRecords(se) && len(recs) > 1:
+		// The server counted nothing: the records go back to the queue
+		// and a batch of half as many is cut (with a new ID).
+		if rerr := u.opts.Queue.ReleaseBatch(id); rerr != nil {
+			return outcome{}, fmt.Errorf("release refused batch: %w", rerr)
+		}
+		u.mu.Lock()
+		u.batchLimit = len(recs) / 2
+		u.mu.Unlock()
+		u.log.Warn("the server refused a batch: sending it in smaller ones", "batch", id, "records", len(recs), "err", err)
+		return outcome{}, nil
+	case errors.As(err, &se) && refusedRecords(se):
 		if derr := u.opts.Queue.DropBatch(id); derr != nil {
-			u.log.Warn("cannot drop batch", "batch", id, "err", derr)
+			u.log.Warn("cannot drop record", "batch", id, "err", derr)
 		}
 		u.mu.Lock()
 		u.st.BatchesDropped++
+		u.st.RecordsRefused++
 		u.dirty = true
 		u.lastErr = err.Error()
 		u.mu.Unlock()
-		u.log.Error("the server refused a batch: dropped", "batch", id, "records", len(recs), "err", err, "hint", se.Hint)
-		return 0, false, nil
+		u.log.Error("the server refused a record: dropped", "sha256", recs[0].SHA256, "err", err, "hint", se.Hint)
+		return outcome{refused: 1, reason: se.Message}, nil
 	default:
-		return 0, false, err
+		return outcome{}, err
 	}
 }
 
-// takeBatch takes a batch from the queue and encodes it. A batch that
-// compresses beyond MaxBatchBytes has never been sent (no such batch is
-// ever sent), so it is given back to the queue and a batch of half as
-// many records is cut instead; its ID is new, derived by the queue, and
-// the server never saw the old one. A single record that cannot fit is
-// dropped.
+// takeBatch takes a batch from the queue and encodes it. A batch beyond
+// the server's limits (MaxBatchBytes compressed, MaxBatchDecoded as JSON)
+// has never been sent (no such batch is ever sent), so it is given back
+// to the queue and a smaller batch is cut instead, of as many records as
+// should fit going by the sizes of this one; its ID is new, derived by
+// the queue, and the server never saw the old one. A single record that
+// cannot fit is dropped.
 func (u *Uploader) takeBatch() (id string, recs []wire.Record, gz []byte, err error) {
 	u.mu.Lock()
 	limit := u.batchLimit
@@ -705,30 +764,32 @@ func (u *Uploader) takeBatch() (id string, recs []wire.Record, gz []byte, err er
 		u.mu.Lock()
 		last := u.lastBatch
 		u.mu.Unlock()
+		var decoded int
 		if last.id == id && last.sv == sv {
-			gz = last.gz // a retry sends the same bytes
+			gz, decoded = last.gz, last.decoded // a retry sends the same bytes
 		} else {
 			b := NewBatch(id, recs, sv)
-			if gz, err = EncodeBatch(&b); err != nil {
+			if gz, decoded, err = encodeBatch(&b); err != nil {
 				return "", nil, nil, err
 			}
 			u.mu.Lock()
-			u.lastBatch = encoded{id: id, sv: sv, gz: gz}
+			u.lastBatch = encoded{id: id, sv: sv, gz: gz, decoded: decoded}
 			u.mu.Unlock()
 		}
-		if len(gz) <= u.opts.MaxBatchBytes {
+		if len(gz) <= u.opts.MaxBatchBytes && decoded <= u.opts.MaxBatchDecoded {
 			u.mu.Lock()
 			u.batchLimit = limit
 			u.mu.Unlock()
 			return id, recs, gz, nil
 		}
 		if len(recs) == 1 {
-			u.log.Error("a record is too large to send: dropped", "sha256", recs[0].SHA256, "bytes", len(gz))
+			u.log.Error("a record is too large to send: dropped", "sha256", recs[0].SHA256, "bytes", len(gz), "decoded", decoded)
 			if err := u.opts.Queue.DropBatch(id); err != nil {
 				return "", nil, nil, fmt.Errorf("drop batch: %w", err)
 			}
 			u.mu.Lock()
 			u.st.BatchesDropped++
+			u.st.RecordsRefused++
 			u.dirty = true
 			u.mu.Unlock()
 			limit = u.opts.MaxBatchRecords
@@ -737,8 +798,11 @@ func (u *Uploader) takeBatch() (id string, recs []wire.Record, gz []byte, err er
 		if err := u.opts.Queue.ReleaseBatch(id); err != nil {
 			return "", nil, nil, fmt.Errorf("release batch: %w", err)
 		}
-		limit = len(recs) / 2
-		u.log.Debug("batch too large compressed: cutting a smaller one", "records", len(recs), "bytes", len(gz))
+		// As many records as should fit, going by this batch's sizes,
+		// with a margin; at least one fewer.
+		fit := min(float64(u.opts.MaxBatchBytes)/float64(len(gz)), float64(u.opts.MaxBatchDecoded)/float64(decoded))
+		limit = max(1, min(len(recs)-1, int(float64(len(recs))*fit*0.95)))
+		u.log.Debug("batch too large: cutting a smaller one", "records", len(recs), "bytes", len(gz), "decoded", decoded, "next", limit)
 	}
 }
 

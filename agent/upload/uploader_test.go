@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -291,29 +292,118 @@ func TestUntrustedCertificateIsRefused(t *testing.T) {
 	}
 }
 
-func TestRefusedBatchIsDroppedAndCounted(t *testing.T) {
+// A record the server refuses is singled out: the batches holding it are
+// sent again in halves until it is alone, and only it is dropped; every
+// other record arrives, and the send reports exactly what was sent and
+// what was refused.
+func TestRefusedRecordsAreSingledOut(t *testing.T) {
 	t.Parallel()
 	s := newScripted(t, nil)
 	h := newHarness(t, s.srv.URL, nil)
 	s.clk = h.clk
+	const n = 300
+	bad := map[string]bool{
+		uploadtest.Record(37, 1, start).SHA256:  true,
+		uploadtest.Record(250, 1, start).SHA256: true,
+	}
+	s.mu.Lock()
+	s.refuse = bad
+	s.mu.Unlock()
+	s.setMode(modeRefuseSome)
 	h.start()
 	h.idle()
+	h.addRecords(0, n, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res, err := h.up.SendNow(ctx)
+	if err != nil {
+		t.Fatalf("SendNow = %v; a refused record is not an error of the upload", err)
+	}
+	if res.Sent != n-2 || res.Refused != 2 || !strings.Contains(res.RefusedReason, "records[") ||
+		!strings.Contains(res.Message, "refused 2 records") {
+		t.Errorf("result %+v; want %d sent, 2 refused with the server's reason", res, n-2)
+	}
+	if h.q.Dropped() != 2 || h.q.Pending() != 0 {
+		t.Errorf("queue: %d dropped, %d pending; want 2, 0", h.q.Dropped(), h.q.Pending())
+	}
+	counts := s.hashCounts()
+	for i := range n {
+		sum := uploadtest.Record(i, 1, start).SHA256
+		if got := counts[sum]; !bad[sum] && got != 1 {
+			t.Errorf("record %d counted %d times by the server; want 1", i, got)
+		}
+	}
+	if st := h.up.Status(); st.RecordsRefused != 2 {
+		t.Errorf("status %+v; want 2 records refused", st)
+	}
+	t.Logf("%d records with 2 refused: %d requests", n, s.postCount())
+
+	// A server that refuses everything: every record is dropped alone,
+	// and the send says so.
 	s.setMode(mode422)
-	h.addRecords(0, 10, 1)
-	if _, err := h.sendNow(); err != nil {
-		t.Fatalf("SendNow = %v; a refused batch is not an error of the upload", err)
-	}
-	if h.q.Dropped() != 10 || h.q.Pending() != 0 {
-		t.Errorf("queue: %d dropped, %d pending; want 10, 0", h.q.Dropped(), h.q.Pending())
-	}
-	st := h.up.Status()
-	if st.BatchesDropped != 1 || !strings.Contains(st.LastError, "422") {
-		t.Errorf("Status = %+v; want 1 batch dropped and the 422 as last error", st)
+	h.addRecords(n, 10, 1)
+	res, err = h.up.SendNow(ctx)
+	if err != nil || res.Sent != 0 || res.Refused != 10 {
+		t.Errorf("result %+v, %v; want 10 refused", res, err)
 	}
 	s.setMode(modeOK)
-	h.addRecords(10, 5, 1)
+	h.addRecords(n+10, 5, 1)
 	if sent, err := h.sendNow(); err != nil || sent != 5 {
 		t.Fatalf("SendNow after = %d, %v", sent, err)
+	}
+}
+
+// Something between the agent and the server with a smaller body limit
+// answers 413: the batch is sent again in smaller ones and nothing is
+// dropped.
+func TestTooLargeForTheServerIsSplit(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	s.mu.Lock()
+	s.maxBody = 16 << 10
+	s.mu.Unlock()
+	s.setMode(modeSmallBodies)
+	h.start()
+	h.idle()
+	h.addRecords(0, 2000, 1)
+	sent, err := h.sendNow()
+	if err != nil || sent != 2000 {
+		t.Fatalf("SendNow = %d, %v; want 2000", sent, err)
+	}
+	if h.q.Dropped() != 0 {
+		t.Errorf("%d records dropped; want none", h.q.Dropped())
+	}
+	wantAllDelivered(t, s, h, 2000, 1)
+}
+
+// A batch never exceeds the server's limit on its decoded size: records
+// with long paths that compress well (2,400 of 4 KiB, 10 MiB of JSON, a
+// few hundred KiB of gzip) go in batches of at most 8 MiB, and all
+// arrive. (The server refused the whole batch before.)
+func TestBatchesWithinDecodedLimit(t *testing.T) {
+	t.Parallel()
+	h := newHarness(t, "", nil)
+	rs := newRealServer(t, h.clk.Now)
+	h.server.Store(rs.url)
+	h.start()
+	h.idle()
+	const n = 2400
+	for i := range n {
+		r := uploadtest.Record(i, 1, start.Add(-time.Hour))
+		r.Path = "/opt/" + strings.Repeat("a", 4000) + fmt.Sprintf("/%d", i)
+		h.q.Add(r)
+	}
+	if sent, err := h.sendNow(); err != nil || sent != n {
+		t.Fatalf("SendNow = %d, %v; want %d", sent, err, n)
+	}
+	if d := h.q.Dropped(); d != 0 {
+		t.Fatalf("%d records dropped; want none", d)
+	}
+	stats, err := rs.store.Stats(context.Background(), credentials(t, h.state).InstallationID)
+	if err != nil || len(stats) != n {
+		t.Fatalf("the server holds %d records (%v); want %d", len(stats), err, n)
 	}
 }
 
