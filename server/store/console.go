@@ -103,7 +103,7 @@ func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error
 		return o, fmt.Errorf("read overview: records per hour: %w", err)
 	}
 	today := dayStart(now)
-	if err := s.read.QueryRowContext(ctx, s.d.rebind(`SELECT COUNT(DISTINCT s.sha256) FROM stats s WHERE s.created_at >= ?
+	if err := s.read.QueryRowContext(ctx, s.d.rebind(`SELECT COUNT(DISTINCT s.sha256) FROM `+fmt.Sprintf(s.d.statsByTime, "s")+` WHERE s.created_at >= ?
 		AND NOT EXISTS (SELECT 1 FROM stats o WHERE o.sha256 = s.sha256 AND o.created_at < ?)`), today, today).Scan(&o.NewFilesToday); err != nil {
 		return o, fmt.Errorf("read overview: new files: %w", err)
 	}
@@ -113,7 +113,7 @@ func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error
 	since := now.Add(-detectionWindow).Unix()
 	// The recent files are filtered to the malicious ones before their
 	// reports are counted: most recent files are common programs.
-	err = s.query(ctx, `WITH recent AS (SELECT DISTINCT sha256 FROM stats WHERE created_at >= ?),
+	err = s.query(ctx, `WITH recent AS (SELECT DISTINCT t.sha256 FROM `+fmt.Sprintf(s.d.statsByTime, "t")+` WHERE t.created_at >= ?),
 		mal AS (SELECT r.sha256, CASE WHEN d.verdict IS NULL THEN 'feed' ELSE 'analyst' END AS src
 			FROM recent r LEFT JOIN decisions d ON d.sha256 = r.sha256
 			WHERE d.verdict = 'malicious'
@@ -162,7 +162,7 @@ func (s *sqlStore) RareFiles(ctx context.Context, since time.Time, maxInstallati
 		var cand []string
 		var oldest int64
 		n := 0
-		err := s.query(ctx, fmt.Sprintf(`SELECT sha256, created_at FROM stats WHERE created_at >= ? AND created_at < ?
+		err := s.query(ctx, fmt.Sprintf(`SELECT t.sha256, t.created_at FROM `+fmt.Sprintf(s.d.statsByTime, "t")+` WHERE t.created_at >= ? AND t.created_at < ?
 			ORDER BY created_at DESC LIMIT %d`, rareScan), []any{since.Unix(), before}, func(rows *sql.Rows) error {
 			var h string
 			if err := rows.Scan(&h, &oldest); err != nil {

@@ -100,6 +100,7 @@ var postgresDialect = &dialect{
 	upsertStats:    postgresUpsertStats,
 	inHashes:       "%s = ANY(?::text[])",
 	hashTable:      "unnest(?::text[]) AS %s(sha256)",
+	statsByTime:    "stats AS %s",
 	hashesArg:      func(h []string) any { return h },
 	columns:        postgresColumns,
 }

@@ -27,7 +27,11 @@ type dialect struct {
 	// hashTable is a table of one column, sha256, holding the hashes of
 	// one parameter (see hashesArg), %s standing for its alias.
 	hashTable string
-	columns   func(ctx context.Context, db *sql.DB) (map[string][]column, error)
+	// statsByTime names the stats table, %s standing for its alias, for a
+	// query that selects by created_at, with a hint to use its index where
+	// the planner needs one.
+	statsByTime string
+	columns     func(ctx context.Context, db *sql.DB) (map[string][]column, error)
 	// afterDelete runs after a deletion committed, to clear what the
 	// database keeps of deleted rows outside its tables.
 	afterDelete func(ctx context.Context, s *sqlStore) error
