@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"runtime"
-	"sync"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -70,37 +68,23 @@ func DecodeBatch(compressed io.Reader, now time.Time) (*wire.Batch, error) {
 	if len(plain) > wire.MaxBatchDecoded {
 		return nil, errorf(http.StatusRequestEntityTooLarge, hintSplit, "batch decompresses to more than %d bytes", wire.MaxBatchDecoded)
 	}
-	// The envelope first, keeping the records as raw JSON: they are
-	// counted before anything is decoded, then decoded in parallel.
-	var env struct {
-		BatchID          string          `json:"batch_id"`
-		StatementVersion int             `json:"statement_version"`
-		Records          json.RawMessage `json:"records"`
-	}
-	if err := decodeStrict(plain, &env); err != nil {
-		return nil, err
-	}
-	b := wire.Batch{BatchID: env.BatchID, StatementVersion: env.StatementVersion}
-	elems, isArray := splitArray(env.Records)
-	if !isArray {
-		// null, or not an array: the decoder says what is wrong.
-		if err := decodeStrict(env.Records, &b.Records); err != nil {
-			return nil, err
-		}
-	}
-	if len(elems) > wire.MaxBatchRecords {
-		return nil, errorf(http.StatusRequestEntityTooLarge, hintSplit, "batch holds %d records, more than %d", len(elems), wire.MaxBatchRecords)
-	}
-	if isArray {
-		var err error
-		if b.Records, err = decodeRecords(env.Records, elems); err != nil {
-			return nil, err
-		}
+	b, err := parseBatch(plain, wire.MaxBatchRecords)
+	var tooMany errTooManyRecords
+	var syntax *jsonError
+	switch {
+	case errors.As(err, &syntax) && syntax.content:
+		return nil, errorf(http.StatusUnprocessableEntity, hintDropBatch, "invalid batch: %v", syntax)
+	case errors.As(err, &tooMany):
+		return nil, errorf(http.StatusRequestEntityTooLarge, hintSplit, "batch holds more than %d records", wire.MaxBatchRecords)
+	case errors.As(err, &syntax):
+		return nil, errorf(http.StatusBadRequest, "send one JSON object with the fields of the wire format, and no others", "body is not valid JSON for this endpoint: %v", syntax)
+	case err != nil:
+		return nil, errorf(http.StatusBadRequest, hintDropBatch, "read batch: %v", err)
 	}
 	if err := b.Validate(now); err != nil {
 		return nil, errorf(http.StatusUnprocessableEntity, hintDropBatch, "invalid batch: %v", err)
 	}
-	return &b, nil
+	return b, nil
 }
 
 // DecodeLookup reads the body of a bulk lookup and returns its hashes,
@@ -162,120 +146,4 @@ func decodeStrict(data []byte, v any) error {
 		return errorf(http.StatusBadRequest, "send one JSON object and nothing after it", "body holds data after the JSON object")
 	}
 	return nil
-}
-
-// span is where one element of a JSON array lies in its text.
-type span struct{ start, end int }
-
-// splitArray returns the spans of the elements of raw, a valid JSON
-// value, or false if it is not an array.
-func splitArray(raw []byte) ([]span, bool) {
-	i := skipSpace(raw, 0)
-	if i >= len(raw) || raw[i] != '[' {
-		return nil, false
-	}
-	var out []span
-	i = skipSpace(raw, i+1)
-	if i < len(raw) && raw[i] == ']' {
-		return out, true
-	}
-	for i < len(raw) {
-		start, depth, inString := i, 0, false
-		for ; i < len(raw); i++ {
-			c := raw[i]
-			if inString {
-				switch c {
-				case '\\':
-					i++
-				case '"':
-					inString = false
-				}
-				continue
-			}
-			switch c {
-			case '"':
-				inString = true
-				continue
-			case '{', '[':
-				depth++
-				continue
-			case '}', ']':
-				if depth > 0 {
-					depth--
-					continue
-				}
-			case ',':
-				if depth > 0 {
-					continue
-				}
-			default:
-				continue
-			}
-			break // a ',' or the closing ']' at depth 0
-		}
-		end := i
-		for end > start && isSpace(raw[end-1]) {
-			end--
-		}
-		out = append(out, span{start, end})
-		if i >= len(raw) || raw[i] == ']' {
-			break
-		}
-		i = skipSpace(raw, i+1)
-	}
-	return out, true
-}
-
-func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
-
-func skipSpace(b []byte, i int) int {
-	for i < len(b) && isSpace(b[i]) {
-		i++
-	}
-	return i
-}
-
-// parallelFrom is the number of records from which a batch is decoded by
-// several goroutines.
-const parallelFrom = 256
-
-// decodeRecords decodes the elements of the records array, in parallel
-// chunks on every processor for a large batch: decoding is most of the
-// server's own work on a batch.
-func decodeRecords(raw []byte, elems []span) ([]wire.Record, error) {
-	out := make([]wire.Record, len(elems))
-	workers := min(runtime.GOMAXPROCS(0), 4, max(1, len(elems)/parallelFrom))
-	per := (len(elems) + workers - 1) / workers
-	errs := make([]error, workers)
-	var wg sync.WaitGroup
-	for w := range workers {
-		lo, hi := w*per, min((w+1)*per, len(elems))
-		if lo >= hi {
-			continue
-		}
-		decode := func() {
-			for i := lo; i < hi; i++ {
-				if err := decodeStrict(raw[elems[i].start:elems[i].end], &out[i]); err != nil {
-					var ae *apiError
-					if errors.As(err, &ae) {
-						ae.msg = truncate(fmt.Sprintf("records[%d]: %s", i, ae.msg), 300)
-					}
-					errs[w] = err
-					return
-				}
-			}
-		}
-		if w == workers-1 {
-			decode()
-		} else {
-			wg.Go(decode)
-		}
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			return nil, err
-		}
-	}
-	return out, nil
 }
