@@ -26,6 +26,10 @@ import (
 
 func TestMain(m *testing.M) {
 	spawn.MaybeChild()
+	// A copy of this binary serves as a slow proxy in front of the cloud.
+	if spec := os.Getenv(proxyEnv); spec != "" {
+		os.Exit(lookupProxy(spec))
+	}
 	// A copy of this binary run as another user acts as a client.
 	if sock := os.Getenv("CLOUDPROTECT_TEST_CLIENT"); sock != "" {
 		os.Exit(clientChild(sock, os.Args[len(os.Args)-1]))

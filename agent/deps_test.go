@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -53,6 +55,42 @@ func TestDomainLayering(t *testing.T) {
 			for _, f := range forbidden {
 				if within(dep, f) {
 					t.Errorf("agent/%s depends on %s", d, dep)
+				}
+			}
+		}
+	}
+}
+
+// The agent never starts a program. While it holds executions in a
+// fanotify permission group, a program it started would be held too; and
+// while a Go thread is inside vfork, a garbage collection cannot stop the
+// world, so the agent could not even run the timer that allows it: every
+// execution on the machine would wait forever. Neither os/exec nor a
+// direct fork or exec may appear in cloudprotectd.
+func TestAgentStartsNoProgram(t *testing.T) {
+	for _, dep := range goDeps(t, false, "../cmd/cloudprotectd") {
+		if dep == "os/exec" {
+			t.Errorf("cloudprotectd depends on os/exec")
+		}
+	}
+	forbidden := []string{"ForkExec(", "StartProcess(", "syscall.Exec(", "unix.Exec(", "SYS_FORK", "SYS_VFORK", "SYS_CLONE", "SYS_EXECVE"}
+	for _, dep := range goDeps(t, false, "../cmd/cloudprotectd") {
+		if !within(dep, module) {
+			continue
+		}
+		out, err := exec.Command("go", "list", "-f", "{{.Dir}}\n{{range .GoFiles}}{{.}}\n{{end}}", dep).Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		for _, f := range lines[1:] {
+			b, err := os.ReadFile(filepath.Join(lines[0], f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, bad := range forbidden {
+				if strings.Contains(string(b), bad) {
+					t.Errorf("%s/%s uses %s: the agent must not start programs", dep, f, bad)
 				}
 			}
 		}

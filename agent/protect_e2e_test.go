@@ -5,13 +5,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
-	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -20,9 +22,7 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
-	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
-	"github.com/cloudprotect/cloudprotect/server/verdict"
 )
 
 // Blocking at exec, end to end: the real cloudprotectd and the real
@@ -44,7 +44,7 @@ const protectWatchdog = 2 * time.Minute
 
 // protectBinaries builds cloudprotectd and cloudprotect into a folder of
 // the test.
-func protectBinaries(t *testing.T) (daemon, cli string) {
+func protectBinaries(t testing.TB) (daemon, cli string) {
 	t.Helper()
 	testenv.NeedRoot(t)
 	dir := t.TempDir()
@@ -55,51 +55,132 @@ func protectBinaries(t *testing.T) (daemon, cli string) {
 	return filepath.Join(dir, "cloudprotectd"), filepath.Join(dir, "cloudprotect")
 }
 
-// testCloud is the reference cloud on loopback; lookups can be slowed.
+// testCloud is the reference cloud on loopback, in a process of its own,
+// optionally behind a proxy (another process) that delays lookups.
+//
+// Neither may run in the test process: it executes programs, and Go holds
+// a garbage collection's stop-the-world while a thread is inside vfork,
+// so a cloud in the same process would stall until the execution it is
+// asked about is decided: until its deadline.
 type testCloud struct {
-	URL   string
-	store store.Store
-	// lookupDelay delays every reputation lookup (nanoseconds).
-	lookupDelay atomic.Int64
+	URL string
 }
 
-func startTestCloud(t *testing.T) *testCloud {
+// cloudOpts say what the cloud knows and how slow its lookups are.
+type cloudOpts struct {
+	malicious   []string
+	lookupDelay time.Duration
+}
+
+const proxyEnv = "CLOUDPROTECT_TEST_LOOKUP_PROXY"
+
+func startTestCloud(t testing.TB, o cloudOpts) *testCloud {
 	t.Helper()
-	ctx := context.Background()
-	st, err := store.Open(ctx, "sqlite:"+filepath.Join(t.TempDir(), "cloud.db"), nil)
+	bin := filepath.Join(t.TempDir(), "cloudprotect-server")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/cloudprotect-server").CombinedOutput(); err != nil {
+		t.Fatalf("build the server: %v\n%s", err, out)
+	}
+	db := "sqlite:" + filepath.Join(t.TempDir(), "cloud.db")
+	if len(o.malicious) > 0 {
+		ctx := context.Background()
+		st, err := store.Open(ctx, db, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.ImportLists(ctx, "test feed", map[string][]string{store.ListMalicious: o.malicious}, false, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		st.Close()
+	}
+	addr := freeLoopback(t)
+	startHelper(t, "cloud", exec.Command(bin, "serve", "--db", db, "--listen", addr, "--log-requests=false", "--no-console"), addr)
+	url := "http://" + addr
+	if o.lookupDelay > 0 {
+		paddr := freeLoopback(t)
+		proxy := exec.Command(os.Args[0], "-test.run=^$")
+		proxy.Env = append(os.Environ(), fmt.Sprintf("%s=%s|%s|%s", proxyEnv, paddr, url, o.lookupDelay))
+		startHelper(t, "lookup proxy", proxy, paddr)
+		url = "http://" + paddr
+	}
+	return &testCloud{URL: url}
+}
+
+// freeLoopback returns a loopback address nothing listens on.
+func freeLoopback(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &testCloud{store: st}
-	h := server.New(server.Config{Store: st, Rules: verdict.Default()})
-	closing := make(chan struct{})
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if d := time.Duration(c.lookupDelay.Load()); d > 0 && r.URL.Path == "/v1/reputation/sha256" {
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// startHelper starts cmd, stopped (and at worst killed) when the test
+// ends, and waits until addr accepts connections.
+func startHelper(t testing.TB, what string, cmd *exec.Cmd, addr string) {
+	t.Helper()
+	var log bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	})
+	for i := 0; ; i++ {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-exited:
+			t.Fatalf("%s exited:\n%s", what, log.String())
+		default:
+		}
+		if i == 400 {
+			t.Fatalf("%s did not start:\n%s", what, log.String())
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+}
+
+// lookupProxy serves "LISTEN|TARGET|DELAY" from proxyEnv: a reverse proxy
+// to the cloud that answers reputation lookups DELAY late.
+func lookupProxy(spec string) int {
+	parts := strings.Split(spec, "|")
+	if len(parts) != 3 {
+		return 2
+	}
+	target, err := url.Parse(parts[1])
+	delay, derr := time.ParseDuration(parts[2])
+	if err != nil || derr != nil {
+		return 2
+	}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	err = http.ListenAndServe(parts[0], http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/reputation/sha256" {
 			select {
-			case <-time.After(d):
+			case <-time.After(delay):
 			case <-r.Context().Done():
-				return
-			case <-closing:
 				return
 			}
 		}
-		h.ServeHTTP(w, r)
+		rp.ServeHTTP(w, r)
 	}))
-	c.URL = srv.URL
-	t.Cleanup(func() {
-		close(closing)
-		srv.CloseClientConnections()
-		srv.Close()
-		st.Close()
-	})
-	return c
-}
-
-func (c *testCloud) malicious(t *testing.T, sums ...string) {
-	t.Helper()
-	if _, err := c.store.ImportLists(context.Background(), "test feed", map[string][]string{store.ListMalicious: sums}, false, time.Now()); err != nil {
-		t.Fatal(err)
-	}
+	fmt.Fprintln(os.Stderr, err)
+	return 1
 }
 
 // protectingAgent is a cloudprotectd child process.
@@ -109,11 +190,12 @@ type protectingAgent struct {
 	socket string
 	log    *bytes.Buffer
 	exited chan struct{}
+	stop   func() // SIGTERM, then SIGKILL after 15 s; the test's cleanup calls it
 }
 
 // startProtectingAgent runs the agent in user mode (as root, so with
 // fanotify) against server, with policy (JSON, "" for none).
-func startProtectingAgent(t *testing.T, bin, server, policy string) *protectingAgent {
+func startProtectingAgent(t testing.TB, bin, server, policy string) *protectingAgent {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "cloudprotect-protect-e2e-")
 	if err != nil {
@@ -140,23 +222,25 @@ func startProtectingAgent(t *testing.T, bin, server, policy string) *protectingA
 		close(a.exited)
 	}()
 	a.client = localapi.NewClient(sock)
-	t.Cleanup(func() {
-		t0 := time.Now()
-		cmd.Process.Signal(syscall.SIGTERM)
-		defer func() { t.Logf("agent stopped %v after SIGTERM", time.Since(t0)) }()
-		select {
-		case <-a.exited:
-		case <-time.After(15 * time.Second):
-			t.Errorf("agent did not stop within 15s of SIGTERM; killed")
-			cmd.Process.Kill()
-			<-a.exited
-		}
-		cancel()
-		a.client.Close()
-		if t.Failed() {
-			t.Logf("agent log:\n%s", a.log.String())
-		}
-	})
+	var once sync.Once
+	a.stop = func() {
+		once.Do(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-a.exited:
+			case <-time.After(15 * time.Second):
+				t.Errorf("agent did not stop within 15s of SIGTERM; killed")
+				cmd.Process.Kill()
+				<-a.exited
+			}
+			cancel()
+			a.client.Close()
+			if t.Failed() {
+				t.Logf("agent log:\n%s", a.log.String())
+			}
+		})
+	}
+	t.Cleanup(a.stop)
 	for i := 0; ; i++ {
 		if _, err := a.client.Status(context.Background()); err == nil {
 			return a
@@ -168,7 +252,7 @@ func startProtectingAgent(t *testing.T, bin, server, policy string) *protectingA
 	}
 }
 
-func (a *protectingAgent) participate(t *testing.T) {
+func (a *protectingAgent) participate(t testing.TB) {
 	t.Helper()
 	if _, err := a.client.SetParticipation(context.Background(), api.ParticipationRequest{
 		Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
@@ -184,7 +268,7 @@ func (a *protectingAgent) leave(t *testing.T) {
 }
 
 // waitStatus waits (at most 15 s) until ok holds for the status.
-func (a *protectingAgent) waitStatus(t *testing.T, what string, ok func(api.Status) bool) api.Status {
+func (a *protectingAgent) waitStatus(t testing.TB, what string, ok func(api.Status) bool) api.Status {
 	t.Helper()
 	var st api.Status
 	var err error
@@ -198,7 +282,7 @@ func (a *protectingAgent) waitStatus(t *testing.T, what string, ok func(api.Stat
 	return st
 }
 
-func (a *protectingAgent) active(t *testing.T) {
+func (a *protectingAgent) active(t testing.TB) {
 	t.Helper()
 	a.waitStatus(t, "blocking active", func(st api.Status) bool { return st.Protection.Active })
 }
@@ -231,11 +315,10 @@ func timedRun(path string) (time.Duration, error) {
 // comes on the event stream; `cloudprotect allow` lets it run.
 func TestProtectBlocksMaliciousEndToEnd(t *testing.T) {
 	daemon, cli := protectBinaries(t)
-	cloud := startTestCloud(t)
 	downloads := filepath.Join(t.TempDir(), "Downloads")
 	os.Mkdir(downloads, 0o755)
 	bad, sum := uniqueProgram(t, downloads, "invoice-viewer")
-	cloud.malicious(t, sum)
+	cloud := startTestCloud(t, cloudOpts{malicious: []string{sum}})
 	a := startProtectingAgent(t, daemon, cloud.URL, "")
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
@@ -291,8 +374,7 @@ func TestProtectBlocksMaliciousEndToEnd(t *testing.T) {
 // ("unknown"), then runs.
 func TestProtectHoldsUnfamiliarUntilCloudAnswers(t *testing.T) {
 	daemon, _ := protectBinaries(t)
-	cloud := startTestCloud(t)
-	cloud.lookupDelay.Store(int64(400 * time.Millisecond))
+	cloud := startTestCloud(t, cloudOpts{lookupDelay: 400 * time.Millisecond})
 	a := startProtectingAgent(t, daemon, cloud.URL, "")
 	a.participate(t)
 	a.active(t)
@@ -313,8 +395,7 @@ func TestProtectHoldsUnfamiliarUntilCloudAnswers(t *testing.T) {
 // (first_sight_timeout_ms), and the next one does not wait.
 func TestProtectSlowCloudRunsAtDeadline(t *testing.T) {
 	daemon, _ := protectBinaries(t)
-	cloud := startTestCloud(t)
-	cloud.lookupDelay.Store(int64(10 * time.Second))
+	cloud := startTestCloud(t, cloudOpts{lookupDelay: 10 * time.Second})
 	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 1500}`)
 	a.participate(t)
 	a.active(t)
@@ -362,8 +443,7 @@ func TestProtectCloudDownRunsAtOnce(t *testing.T) {
 // execution proceed.
 func TestProtectAgentKilledReleasesExecution(t *testing.T) {
 	daemon, _ := protectBinaries(t)
-	cloud := startTestCloud(t)
-	cloud.lookupDelay.Store(int64(time.Minute))
+	cloud := startTestCloud(t, cloudOpts{lookupDelay: time.Minute})
 	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`)
 	a.participate(t)
 	a.active(t)
@@ -402,9 +482,8 @@ func TestProtectAgentKilledReleasesExecution(t *testing.T) {
 // runs and the person is alerted.
 func TestProtectAlertModeDeniesNothing(t *testing.T) {
 	daemon, _ := protectBinaries(t)
-	cloud := startTestCloud(t)
 	bad, sum := uniqueProgram(t, t.TempDir(), "dropper")
-	cloud.malicious(t, sum)
+	cloud := startTestCloud(t, cloudOpts{malicious: []string{sum}})
 	a := startProtectingAgent(t, daemon, cloud.URL, `{"protection": "alert"}`)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()

@@ -148,8 +148,11 @@ func (a *asker) lookup(ctx context.Context, batch []string) {
 	// The executions' own timers allow them at their deadline; the lookup
 	// may go on a little longer, so a late answer is still cached.
 	lctx, cancel := context.WithTimeout(ctx, 2*g.deadline())
+	t0 := time.Now()
 	reps, err := g.opts.Reputation.Ask(lctx, batch)
+	took := time.Since(t0)
 	cancel()
+	g.log.Debug("asked the cloud for held executions", "hashes", len(batch), "took", took, "err", err)
 	verdicts := make(map[string]wire.Reputation, len(reps))
 	if err != nil {
 		if ctx.Err() == nil {
@@ -158,7 +161,12 @@ func (a *asker) lookup(ctx context.Context, batch []string) {
 				"err", err, "hashes", len(batch))
 		}
 	} else {
-		g.circ.success()
+		if took < g.deadline() {
+			// An answer after the deadline came too late for the
+			// executions held for it: the circuit stays as their
+			// timers left it.
+			g.circ.success()
+		}
 		for _, r := range reps {
 			verdicts[r.SHA256] = r
 		}

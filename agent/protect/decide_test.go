@@ -534,3 +534,21 @@ func TestCircuit(t *testing.T) {
 		}
 	}
 }
+
+// An answer that comes after the deadline was too late: it is cached, but
+// the circuit the timeout opened stays open.
+func TestLateAnswerKeepsCircuitOpen(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := newRig(t, func(o *Options) { o.CircuitMin = 30 * time.Second })
+		r.rep.set(func(f *fakeRep) { f.delay = 2 * time.Second })
+		p, _ := r.program("slow")
+		fd := r.exec(p)
+		time.Sleep(1500 * time.Millisecond)
+		r.expect(fd, unix.FAN_ALLOW, "at the deadline")
+		time.Sleep(time.Second) // the answer arrives
+		synctest.Wait()
+		if !r.g.Stats().CircuitOpen {
+			t.Error("a late answer closed the circuit")
+		}
+	})
+}

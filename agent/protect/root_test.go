@@ -165,7 +165,12 @@ func startChild(t *testing.T, cfg childConfig) *child {
 	raw, _ := json.Marshal(cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), watchdog)
 	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"="+string(raw))
+	// GOGC=off: one test has the listener start a program itself. While
+	// a Go thread is inside vfork, a garbage collection cannot stop the
+	// world; were one to start while the listener decides on its own
+	// child, neither could go on (the product never starts programs; see
+	// TestAgentStartsNoProgram).
+	cmd.Env = append(os.Environ(), childEnv+"="+string(raw), "GOGC=off")
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {
