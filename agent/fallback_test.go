@@ -25,7 +25,7 @@ var (
 )
 
 // daemon builds cloudprotectd once per test run.
-func daemon(t *testing.T) string {
+func daemon(t testing.TB) string {
 	t.Helper()
 	daemonOnce.Do(func() {
 		daemonDir, daemonErr = os.MkdirTemp("", "cloudprotectd-bin-")

@@ -42,17 +42,28 @@ import (
 
 const protectWatchdog = 2 * time.Minute
 
-// protectBinaries builds cloudprotectd and cloudprotect into a folder of
-// the test.
-func protectBinaries(t testing.TB) (daemon, cli string) {
+var (
+	toolsOnce sync.Once
+	toolsErr  error
+)
+
+// protectBinaries builds cloudprotectd, cloudprotect and
+// cloudprotect-server once per test run, beside the daemon.
+func protectBinaries(t testing.TB) (daemonBin, cli string) {
 	t.Helper()
 	testenv.NeedRoot(t)
-	dir := t.TempDir()
-	out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/cloudprotectd", "../cmd/cloudprotect").CombinedOutput()
-	if err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
+	daemonBin = daemon(t)
+	dir := filepath.Dir(daemonBin)
+	toolsOnce.Do(func() {
+		out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/cloudprotect", "../cmd/cloudprotect-server").CombinedOutput()
+		if err != nil {
+			toolsErr = fmt.Errorf("%v\n%s", err, out)
+		}
+	})
+	if toolsErr != nil {
+		t.Fatalf("build: %v", toolsErr)
 	}
-	return filepath.Join(dir, "cloudprotectd"), filepath.Join(dir, "cloudprotect")
+	return daemonBin, filepath.Join(dir, "cloudprotect")
 }
 
 // testCloud is the reference cloud on loopback, in a process of its own,
@@ -76,10 +87,8 @@ const proxyEnv = "CLOUDPROTECT_TEST_LOOKUP_PROXY"
 
 func startTestCloud(t testing.TB, o cloudOpts) *testCloud {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "cloudprotect-server")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/cloudprotect-server").CombinedOutput(); err != nil {
-		t.Fatalf("build the server: %v\n%s", err, out)
-	}
+	d, _ := protectBinaries(t)
+	bin := filepath.Join(filepath.Dir(d), "cloudprotect-server")
 	db := "sqlite:" + filepath.Join(t.TempDir(), "cloud.db")
 	if len(o.malicious) > 0 {
 		ctx := context.Background()
