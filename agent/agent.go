@@ -13,9 +13,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/alerts"
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/execwatch"
@@ -92,6 +94,8 @@ type Agent struct {
 	ln      net.Listener
 	api     *localapi.Server
 	hub     *localapi.Hub
+	// alerts is the history of recent alerts.
+	alerts  *alerts.History
 	started time.Time
 
 	queue   *queue.Queue
@@ -134,6 +138,11 @@ func New(cfg Config) (*Agent, error) {
 		ln.Close()
 		return nil, err
 	}
+	hist, err := alerts.Open(filepath.Join(cfg.StateDir, alerts.FileName), alerts.Options{Logger: cfg.Logger})
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
 	q, err := queue.Open(filepath.Join(cfg.StateDir, "queue.db"), queue.Options{Logger: cfg.Logger})
 	if err != nil {
 		ln.Close()
@@ -145,6 +154,7 @@ func New(cfg Config) (*Agent, error) {
 		consent: cm,
 		ln:      ln,
 		hub:     localapi.NewHub(),
+		alerts:  hist,
 		started: time.Now().UTC(),
 		queue:   q,
 		anon:    identify.SystemAnonymizer(),
@@ -221,6 +231,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}},
 		service{"policy", a.consent.WatchPolicy},
 		service{"status", a.publishStatus},
+		service{"alerts", a.alerts.Serve},
 		service{"queue", a.queue.Serve},
 		service{"collect", a.collect.Serve},
 		service{"upload", a.upload.Serve},
@@ -281,6 +292,9 @@ func (a *Agent) afterBatch() {
 // asked to delete what it received from this installation (a durable
 // request, retried until confirmed), and pending lookups are dropped.
 func (a *Agent) onForget() {
+	if err := a.alerts.Clear(); err != nil {
+		a.log.Error("clear the alert history", "err", err)
+	}
 	if a.upload.Status().Registered {
 		if err := a.upload.Leave(); err != nil {
 			a.log.Error("queue deletion request", "err", err)
@@ -304,9 +318,19 @@ func (a *Agent) onConsentChange() {
 // each, and forgets everything when the person stops participating.
 func (a *Agent) RanBy(sha256 string) []uint32 { return a.runners.of(sha256) }
 
-// alert publishes a reputation alert on the event stream.
-func (a *Agent) alert(al api.Alert) {
-	a.log.Warn("reputation alert", "program", al.Program, "path", al.Path, "verdict", al.Verdict, "sha256", al.SHA256)
+// alert keeps a reputation alert in the history and publishes it on the
+// event stream, for the users who ran the program and the administrators.
+func (a *Agent) alert(al api.Alert) { a.raise(al, nil) }
+
+// raise is alert with users known to have run (or tried to run) the
+// program besides those the agent saw.
+func (a *Agent) raise(al api.Alert, users []uint32) {
+	for _, u := range a.RanBy(al.SHA256) {
+		if !slices.Contains(users, u) {
+			users = append(users, u)
+		}
+	}
+	a.log.Warn("reputation alert", "program", al.Program, "path", al.Path, "verdict", al.Verdict, "sha256", al.SHA256, "users", users)
 	if al.Action == "" {
 		al.Action = api.AlertActionAlerted
 	}
@@ -315,7 +339,17 @@ func (a *Agent) alert(al api.Alert) {
 		// next execution must be decided again, and denied.
 		a.prot.guard.Invalidate()
 	}
-	a.hub.Publish(api.Event{Type: api.EventAlert, Time: time.Now().UTC(), Alert: &al})
+	al = a.alerts.Add(al, users)
+	a.hub.Publish(api.Event{Type: api.EventAlert, Time: al.Time, Alert: &al, Users: users})
+	a.statusChanged()
+}
+
+// Alerts implements localapi.Backend.
+func (a *Agent) Alerts(uid uint32, all bool) []api.Alert { return a.alerts.For(uid, all) }
+
+// AlertSummary implements localapi.Backend.
+func (a *Agent) AlertSummary(uid uint32, all bool) (int, *api.Alert) {
+	return a.alerts.Summary(uid, all)
 }
 
 // statementVersion is the statement version sent with uploads: the one

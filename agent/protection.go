@@ -165,7 +165,11 @@ func join(a, b string) string {
 // alerts are raised.
 func (a *Agent) blocked(al api.Alert, uid int) {
 	a.log.Warn("program blocked", "uid", uid)
-	a.alert(al)
+	var users []uint32
+	if uid >= 0 {
+		users = []uint32{uint32(uid)}
+	}
+	a.raise(al, users)
 	a.statusChanged()
 }
 

@@ -183,6 +183,11 @@ type Event struct {
 	Time   time.Time `json:"time"`
 	Status *Status   `json:"status,omitempty"`
 	Alert  *Alert    `json:"alert,omitempty"`
+	// Users are, for an alert, the users the agent saw running the
+	// program (or whose execution of it was blocked). It never leaves the
+	// agent: the local API shows the alert to them and to administrators
+	// only.
+	Users []uint32 `json:"-"`
 }
 
 // Alert is a reputation verdict the person should know about. Its text is

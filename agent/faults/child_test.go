@@ -23,6 +23,11 @@ import (
 //	hold:N       open N connections, every other one an event stream
 //	             that is never read; print "opened N", then hold them
 //	             until stdin is closed
+//	alerts       print the SHA-256 of each alert this user may see, then
+//	             "alerts N"
+//	queue        ask for the queue's contents; print "code=N"
+//	events       follow the event stream: print "ready" after the first
+//	             status, "alert SHA256" for each alert, until stdin closes
 func child(op, socket string) int {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -69,6 +74,49 @@ func child(op, socket string) int {
 		io.Copy(io.Discard, os.Stdin)
 		for _, conn := range conns {
 			conn.Close()
+		}
+		return 0
+	case op == "alerts":
+		l, err := c.Alerts(ctx)
+		if err != nil {
+			fmt.Println("error:", err)
+			return 1
+		}
+		for _, al := range l.Alerts {
+			fmt.Println(al.SHA256)
+		}
+		fmt.Printf("alerts %d\n", len(l.Alerts))
+		return 0
+	case op == "queue":
+		_, err := c.Queue(ctx)
+		var ae *localapi.APIError
+		switch {
+		case errors.As(err, &ae):
+			fmt.Printf("code=%d hint=%v\n", ae.StatusCode, ae.Hint != "")
+		case err != nil:
+			fmt.Println("error:", err)
+			return 1
+		default:
+			fmt.Println("code=200")
+		}
+		return 0
+	case op == "events":
+		ectx, stop := context.WithCancel(context.Background())
+		go func() { io.Copy(io.Discard, os.Stdin); stop() }()
+		first := true
+		err := c.Events(ectx, func(ev api.Event) error {
+			switch {
+			case first && ev.Status != nil:
+				first = false
+				fmt.Println("ready")
+			case ev.Alert != nil:
+				fmt.Println("alert", ev.Alert.SHA256)
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, context.Canceled) {
+			fmt.Println("error:", err)
+			return 1
 		}
 		return 0
 	}

@@ -5,9 +5,13 @@ import (
 	"context"
 	"database/sql"
 	"errors"
+	"fmt"
+	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -29,10 +33,45 @@ var listeningRE = regexp.MustCompile(`msg=listening addr=(\S+)`)
 
 func startCloud(t *testing.T) *cloud {
 	t.Helper()
+	return startCloudOn(t, "127.0.0.1:0", nil)
+}
+
+// startSystemCloud starts the reference cloud where the system agent may
+// reach it over plain HTTP: on loopback below port 1024, where only a
+// privileged process (this test) can listen. malicious lists hashes the
+// cloud knows as malicious, as an imported feed.
+func startSystemCloud(t *testing.T, malicious []string) *cloud {
+	t.Helper()
+	for port := 1023; port > 600; port-- {
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			continue
+		}
+		ln.Close()
+		return startCloudOn(t, addr, malicious)
+	}
+	t.Fatal("no free port below 1024 on loopback")
+	return nil
+}
+
+func startCloudOn(t *testing.T, addr string, malicious []string) *cloud {
+	t.Helper()
 	dir := worldDir(t, "cloudprotect-faults-cloud-")
 	c := &cloud{db: filepath.Join(dir, "cloud.db")}
+	if len(malicious) > 0 {
+		list := filepath.Join(dir, "malicious.txt")
+		if err := os.WriteFile(list, []byte(strings.Join(malicious, "\n")+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		imp := exec.Command(filepath.Join(binaries(t), "cloudprotect-server"), "import",
+			"--db", "sqlite:"+c.db, "--feed", "faults", "--malicious", list)
+		if out, err := imp.CombinedOutput(); err != nil {
+			t.Fatalf("import the malicious list: %v\n%s", err, out)
+		}
+	}
 	c.cmd = exec.Command(filepath.Join(binaries(t), "cloudprotect-server"), "serve",
-		"--listen", "127.0.0.1:0", "--db", "sqlite:"+c.db, "--log-requests=false")
+		"--listen", addr, "--db", "sqlite:"+c.db, "--log-requests=false")
 	stderr, err := c.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -44,20 +83,20 @@ func startCloud(t *testing.T) *cloud {
 		c.cmd.Process.Signal(syscall.SIGTERM)
 		c.cmd.Wait()
 	})
-	addr := make(chan string, 1)
+	listening := make(chan string, 1)
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			if m := listeningRE.FindStringSubmatch(sc.Text()); m != nil {
 				select {
-				case addr <- m[1]:
+				case listening <- m[1]:
 				default:
 				}
 			}
 		}
 	}()
 	select {
-	case a := <-addr:
+	case a := <-listening:
 		c.URL = "http://" + a
 	case <-time.After(30 * time.Second):
 		t.Fatal("the reference cloud did not start listening")

@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -202,4 +204,123 @@ func openConns(s *Server) int {
 	s.lim.mu.Lock()
 	defer s.lim.mu.Unlock()
 	return s.lim.open
+}
+
+// Alert details say which programs someone ran: each user sees the
+// alerts of programs they ran, administrators see all, in the alert list,
+// in the status (count and last block) and on the event stream.
+func TestAlertsPerCaller(t *testing.T) {
+	b := newFakeBackend()
+	b.alerts = []api.Alert{
+		{ID: 3, SHA256: "c", Path: "~/shared", Action: api.AlertActionAlerted},
+		{ID: 2, SHA256: "b", Path: "~/bob-tool", Action: api.AlertActionBlocked},
+		{ID: 1, SHA256: "a", Path: "~/alice-tool", Action: api.AlertActionBlocked},
+	}
+	b.users = [][]uint32{{1000, 1001}, {1001}, {1000}}
+	s := NewServer(nil, b, func(c Cred) bool { return c.UID == 0 }, nil)
+	for _, tc := range []struct {
+		name      string
+		uid       uint32
+		want      []uint64
+		lastBlock uint64
+	}{
+		{"root", 0, []uint64{3, 2, 1}, 0},
+		{"alice", 1000, []uint64{3, 1}, 1},
+		{"bob", 1001, []uint64{3, 2}, 2},
+		{"someone else", 1002, nil, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			res := request(s, tc.uid, http.MethodGet, "/v1/alerts")
+			var l api.AlertList
+			if err := json.NewDecoder(res.Body).Decode(&l); err != nil || res.StatusCode != 200 {
+				t.Fatalf("GET /v1/alerts: %d %v", res.StatusCode, err)
+			}
+			var got []uint64
+			for _, al := range l.Alerts {
+				got = append(got, al.ID)
+			}
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("alerts %v, want %v", got, tc.want)
+			}
+			var st api.Status
+			json.NewDecoder(request(s, tc.uid, http.MethodGet, "/v1/status").Body).Decode(&st)
+			if st.Alerts != len(tc.want) {
+				t.Errorf("status counts %d alerts, want %d", st.Alerts, len(tc.want))
+			}
+			if tc.uid != 0 {
+				switch {
+				case tc.lastBlock == 0 && st.Protection.LastBlock != nil:
+					t.Errorf("status shows another user's block %+v", st.Protection.LastBlock)
+				case tc.lastBlock != 0 && (st.Protection.LastBlock == nil || st.Protection.LastBlock.ID != tc.lastBlock):
+					t.Errorf("status shows last block %+v, want alert %d", st.Protection.LastBlock, tc.lastBlock)
+				}
+			}
+
+			// The event stream carries the same alerts and no others.
+			ctx, cancel := context.WithCancel(context.WithValue(context.Background(), credKey{}, Cred{UID: tc.uid, GID: tc.uid}))
+			req := httptest.NewRequestWithContext(ctx, http.MethodGet, "http://agent/v1/events", nil)
+			rec := &syncRecorder{header: http.Header{}}
+			done := make(chan struct{})
+			go func() { s.Handler().ServeHTTP(rec, req); close(done) }()
+			for b.hub.Len() == 0 {
+				time.Sleep(time.Millisecond)
+			}
+			for i := len(b.alerts) - 1; i >= 0; i-- {
+				al := b.alerts[i]
+				b.hub.Publish(api.Event{Type: api.EventAlert, Alert: &al, Users: b.users[i]})
+			}
+			// A status event after the alerts: once it is written, every
+			// alert before it was written or left out.
+			st0 := b.Status()
+			b.hub.Publish(api.Event{Type: api.EventStatus, Status: &st0})
+			deadline := time.Now().Add(10 * time.Second)
+			for strings.Count(rec.String(), `"type":"status"`) < 2 {
+				if time.Now().After(deadline) {
+					t.Fatalf("the stream did not carry the status after the alerts:\n%s", rec.String())
+				}
+				time.Sleep(time.Millisecond)
+			}
+			cancel()
+			<-done
+			got = nil
+			for _, line := range strings.Split(strings.TrimSpace(rec.String()), "\n") {
+				var ev api.Event
+				if err := json.Unmarshal([]byte(line), &ev); err != nil {
+					t.Fatalf("event %q: %v", line, err)
+				}
+				if ev.Alert != nil {
+					got = append(got, ev.Alert.ID)
+				}
+			}
+			slices.Reverse(got)
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("alert events %v, want %v", got, tc.want)
+			}
+			if strings.Contains(rec.String(), "users") {
+				t.Errorf("the stream shows who ran a program: %s", rec.String())
+			}
+		})
+	}
+}
+
+// syncRecorder is an http.ResponseWriter whose body a test may read while
+// the handler writes.
+type syncRecorder struct {
+	header http.Header
+	mu     sync.Mutex // protects body
+	body   strings.Builder
+}
+
+func (r *syncRecorder) Header() http.Header { return r.header }
+func (r *syncRecorder) WriteHeader(int)     {}
+func (r *syncRecorder) Flush()              {}
+func (r *syncRecorder) Write(p []byte) (int, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.body.Write(p)
+}
+func (r *syncRecorder) String() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.body.String()
 }

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/alerts"
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 )
@@ -35,6 +36,12 @@ type Backend interface {
 	Upload(ctx context.Context, force bool) (api.UploadResult, error)
 	// Events returns the hub status and alert events are published on.
 	Events() *Hub
+	// Alerts returns the recent alerts user uid may see (all: an
+	// administrator), newest first.
+	Alerts(uid uint32, all bool) []api.Alert
+	// AlertSummary returns how many recent alerts uid may see and the
+	// newest of them that reports a blocked program.
+	AlertSummary(uid uint32, all bool) (int, *api.Alert)
 	// Exceptions lists the local exceptions (programs allowed whatever
 	// the Security Network says).
 	Exceptions() (api.ExceptionList, error)
@@ -155,6 +162,7 @@ func (s *Server) Handler() http.Handler {
 		"/v1/queue":         {http.MethodGet, s.queue},
 		"/v1/upload":        {http.MethodPost, s.upload},
 		"/v1/events":        {http.MethodGet, s.events},
+		"/v1/alerts":        {http.MethodGet, s.alerts},
 		"/v1/exceptions":    {http.MethodGet + ", " + http.MethodPut, s.exceptions},
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -162,7 +170,7 @@ func (s *Server) Handler() http.Handler {
 		switch {
 		case !ok:
 			writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint: %s", r.URL.Path),
-				"the API has GET /v1/status, /v1/statement, /v1/queue, /v1/events, PUT /v1/participation, POST /v1/upload and GET or PUT /v1/exceptions")
+				"the API has GET /v1/status, /v1/statement, /v1/queue, /v1/events, /v1/alerts, PUT /v1/participation, POST /v1/upload and GET or PUT /v1/exceptions")
 		case !takes(rt.method, r.Method):
 			w.Header().Set("Allow", rt.method)
 			writeError(w, http.StatusMethodNotAllowed, fmt.Sprintf("%s does not take %s", r.URL.Path, r.Method),
@@ -225,13 +233,41 @@ func (s *Server) isPrivileged(r *http.Request) bool {
 	return ok && s.privileged(c)
 }
 
+// viewer returns who the caller is for what it may see of the alerts: its
+// uid, and whether it sees all of them. A caller without credentials
+// sees none.
+func (s *Server) viewer(r *http.Request) (uid uint32, all bool) {
+	c, ok := s.caller(r)
+	if !ok {
+		return unknownUID, false
+	}
+	return c.UID, s.privileged(c)
+}
+
+// statusFor fills in the parts of the status that depend on the caller:
+// whether it may change participation, how many alerts it may see, and
+// the last block among them (which program was blocked, and where, is an
+// alert's detail).
 func (s *Server) statusFor(r *http.Request, st api.Status) api.Status {
-	st.CanChange = s.isPrivileged(r)
-	if !st.CanChange {
-		// Which program was blocked, and where, is an alert's detail.
-		st.Protection.LastBlock = nil
+	uid, all := s.viewer(r)
+	st.CanChange = all
+	n, last := s.backend.AlertSummary(uid, all)
+	st.Alerts = n
+	if !all {
+		st.Protection.LastBlock = last
 	}
 	return st
+}
+
+// alerts answers with the recent alerts the caller may see: all of them
+// for administrators, those of programs it ran for everyone else.
+func (s *Server) alerts(w http.ResponseWriter, r *http.Request) {
+	uid, all := s.viewer(r)
+	list := s.backend.Alerts(uid, all)
+	if list == nil {
+		list = []api.Alert{}
+	}
+	writeJSON(w, http.StatusOK, api.AlertList{Alerts: list})
 }
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
@@ -359,10 +395,14 @@ func (s *Server) events(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.Header().Set("Cache-Control", "no-store")
 	enc := json.NewEncoder(w)
+	uid, all := s.viewer(r)
 	send := func(ev api.Event) bool {
 		if ev.Status != nil {
 			st := s.statusFor(r, *ev.Status)
 			ev.Status = &st
+		}
+		if ev.Alert != nil && !alerts.Visible(ev.Users, uid, all) {
+			return true // another user's program: not this caller's to see
 		}
 		// A reader that takes too long for one event is dropped.
 		rc.SetWriteDeadline(time.Now().Add(10 * time.Second))

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/alerts"
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
@@ -36,6 +37,8 @@ func TestMain(m *testing.M) {
 type fakeBackend struct {
 	hub     *Hub
 	preview api.QueuePreview
+	alerts  []api.Alert // newest first
+	users   [][]uint32  // who may see each of alerts
 
 	mu     sync.Mutex // protects calls and forced
 	calls  []api.ParticipationRequest
@@ -70,6 +73,26 @@ func (b *fakeBackend) Upload(_ context.Context, force bool) (api.UploadResult, e
 }
 
 func (b *fakeBackend) Events() *Hub { return b.hub }
+
+func (b *fakeBackend) Alerts(uid uint32, all bool) []api.Alert {
+	var out []api.Alert
+	for i, al := range b.alerts {
+		if alerts.Visible(b.users[i], uid, all) {
+			out = append(out, al)
+		}
+	}
+	return out
+}
+
+func (b *fakeBackend) AlertSummary(uid uint32, all bool) (int, *api.Alert) {
+	list := b.Alerts(uid, all)
+	for _, al := range list {
+		if al.Action == api.AlertActionBlocked {
+			return len(list), &al
+		}
+	}
+	return len(list), nil
+}
 
 func (b *fakeBackend) Exceptions() (api.ExceptionList, error) {
 	return api.ExceptionList{Exceptions: []api.Exception{{SHA256: "ab", Reason: "listed"}}}, nil
