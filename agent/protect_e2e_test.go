@@ -361,8 +361,15 @@ func TestProtectBlocksMaliciousEndToEnd(t *testing.T) {
 		t.Fatalf("second run: %v; want EPERM", err)
 	}
 
+	env := append(os.Environ(), "CLOUDPROTECT_SOCKET="+a.socket, "LANGUAGE=en")
+	blocked := exec.Command(cli, "blocked")
+	blocked.Env = env
+	if out, err := blocked.CombinedOutput(); err != nil || !strings.Contains(string(out), sum) ||
+		!strings.Contains(string(out), "invoice-viewer") || !strings.Contains(string(out), "a threat feed of the Security Network") {
+		t.Errorf("cloudprotect blocked: %v\n%s", err, out)
+	}
 	allow := exec.Command(cli, "allow", sum, "--reason", "our own invoice viewer")
-	allow.Env = append(os.Environ(), "CLOUDPROTECT_SOCKET="+a.socket, "LANGUAGE=en")
+	allow.Env = env
 	if out, err := allow.CombinedOutput(); err != nil || !strings.Contains(string(out), "Allowed on this computer") {
 		t.Fatalf("cloudprotect allow: %v\n%s", err, out)
 	}
