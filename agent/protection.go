@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
@@ -62,6 +64,9 @@ func (a *Agent) protect(ctx context.Context) error {
 		cancel context.CancelFunc
 		done   chan error
 		retry  <-chan time.Time
+		// refused: the kernel refused the group for lack of privilege;
+		// only a change of consent or policy is worth another try.
+		refused bool
 	)
 	stop := func() {
 		if cancel == nil {
@@ -93,6 +98,9 @@ func (a *Agent) protect(ctx context.Context) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-changed:
+			if refused {
+				retry, refused = nil, false
+			}
 		case <-retry:
 			retry = nil
 		case err := <-done:
@@ -100,6 +108,14 @@ func (a *Agent) protect(ctx context.Context) error {
 			cancel, done = nil, nil
 			if ctx.Err() != nil {
 				return ctx.Err()
+			}
+			if errors.Is(err, unix.EPERM) {
+				// Without CAP_SYS_ADMIN no retry can succeed: the next
+				// change of consent or policy tries again.
+				a.log.Warn("blocking at exec needs root: not available to this agent", "err", err)
+				a.prot.setReason("blocking needs the system agent, which runs as root")
+				retry, refused = make(chan time.Time), true // never fires
+				break
 			}
 			a.log.Error("blocking at exec is not available", "err", err, "retry_in", guardRetry)
 			a.prot.setReason(fmt.Sprintf("this computer does not allow checking programs before they run (%v)", err))
