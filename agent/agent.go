@@ -167,6 +167,7 @@ func New(cfg Config) (*Agent, error) {
 		StatePath:        filepath.Join(cfg.StateDir, upload.StateFile),
 		Server:           a.server,
 		CAFile:           func() string { return a.consent.View().CAFile },
+		Scrub:            a.anon.Records,
 		Client:           upload.ClientOptions{System: cfg.Mode == ModeSystem},
 		Allowed:          cm.Collecting,
 		StatementVersion: a.statementVersion,
@@ -477,7 +478,7 @@ func (a *Agent) QueuePreview(ctx context.Context) (api.QueuePreview, error) {
 	}
 	return api.QueuePreview{
 		Pending: a.queue.Stats().Pending,
-		Batch:   upload.NewBatch("", recs, a.statementVersion()),
+		Batch:   upload.NewBatch("", a.anon.Records(recs), a.statementVersion()),
 	}, nil
 }
 

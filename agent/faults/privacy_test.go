@@ -17,11 +17,13 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/testenv"
 )
 
 // tap is a TCP proxy on loopback that records every byte clients send
@@ -201,8 +203,11 @@ func jsonKeys(v any, prefix string, out map[string]bool) {
 // (participate, programs executed with secrets in their arguments and
 // environment from a person's home, a download, an upload, leaving) is
 // recorded on its way to the real reference cloud. No user name, home
-// path, argument, environment value or host name is in it; every
-// statistics field is one the statement names; the only headers and
+// path, argument, environment value or host name is in it, whatever its
+// case, as a path component or inside one: an account made while the
+// agent runs, with its home outside /home, runs programs from its home,
+// from folders named after it and from a folder named after the computer;
+// every statistics field is one the statement names; the only headers and
 // endpoints are the API's; and after leaving, only the deletion request
 // goes out.
 func TestPrivacyEveryByteSent(t *testing.T) {
@@ -242,12 +247,55 @@ func TestPrivacyEveryByteSent(t *testing.T) {
 			}
 		}
 	}
+	// A person whose account is made now (the agent read the accounts
+	// at its start), with a home outside /home, runs programs from their
+	// home and from folders named after them, in other cases; and a
+	// program from a folder named after the computer.
+	zoeHome := filepath.Join("/u", "cpzoe"+strings.ToLower(rand.Text()[:6]))
+	t.Cleanup(func() { os.Remove("/u") })
+	zoe := testenv.AddUser(t, "cpzoe", zoeHome)
+	upper := strings.ToUpper(zoe.Name)
+	var zoeSums []string
+	zoeDirs := map[string]string{ // folder → the path expected in the records
+		filepath.Join(zoe.Home, "bin"):                                             "~/bin/tool",
+		filepath.Join(zoe.Home, "secret-project", zoe.Name+"-payroll-export"):      "~/secret-project/~-payroll-export/tool",
+		filepath.Join(worldDir(t, "cloudprotect-faults-privacy-"), upper+"-build"): "/~-build/tool",
+	}
+	short, _, _ := strings.Cut(hostname, ".")
+	if short != "" && !strings.EqualFold(short, "localhost") {
+		zoeDirs[filepath.Join(worldDir(t, "cloudprotect-faults-privacy-"), short+"-nightly")] = "/~-nightly/tool"
+	}
+	for dir := range zoeDirs {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		prog, sum := uniqueProgram(t, dir, "tool")
+		os.Chown(prog, int(zoe.UID), int(zoe.GID))
+		for d := dir; strings.HasPrefix(d, zoe.Home); d = filepath.Dir(d) {
+			os.Chown(d, int(zoe.UID), int(zoe.GID))
+		}
+		cmd := exec.Command(prog)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: zoe.UID, Gid: zoe.GID, Groups: []uint32{}}}
+		cmd.Dir = "/"
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("run %s as %s: %v %s", prog, zoe.Name, err, out)
+		}
+		zoeSums = append(zoeSums, sum)
+	}
 	// A download.
 	_, dlSum := uniqueProgram(t, filepath.Join(home, "Downloads"), "installer")
 	// Wait (bounded) for what the session produced to be counted; the
 	// checks below say what went missing.
 	deadline := time.Now().Add(20 * time.Second)
-	for a.seen(toolSum) < 3 || a.seen(builtSum) < 3 || (!srv.loaded(t, dlSum) && !loadedQueued(a, dlSum)) {
+	zoeSeen := func() bool {
+		for _, sum := range zoeSums {
+			if a.seen(sum) < 1 {
+				return false
+			}
+		}
+		return true
+	}
+	for a.seen(toolSum) < 3 || a.seen(builtSum) < 3 || (!srv.loaded(t, dlSum) && !loadedQueued(a, dlSum)) || !zoeSeen() {
 		if time.Now().After(deadline) {
 			t.Errorf("the session's programs were not all counted within 20s: tool %d, built %d, download sent %v queued %v",
 				a.seen(toolSum), a.seen(builtSum), srv.loaded(t, dlSum), loadedQueued(a, dlSum))
@@ -272,7 +320,7 @@ func TestPrivacyEveryByteSent(t *testing.T) {
 	if len(reqs) == 0 {
 		t.Fatal("nothing was sent")
 	}
-	for _, bad := range []string{user, home, argvSecret, envSecret, "SECRET_ENV"} {
+	for _, bad := range []string{user, home, zoe.Name, upper, zoe.Home, argvSecret, envSecret, "SECRET_ENV"} {
 		if bytes.Contains(all, []byte(bad)) {
 			t.Errorf("the bytes sent contain %q", bad)
 		}
@@ -280,19 +328,39 @@ func TestPrivacyEveryByteSent(t *testing.T) {
 	if len(hostname) >= 4 && bytes.Contains(all, []byte(hostname)) {
 		t.Errorf("the bytes sent contain the host name %q", hostname)
 	}
-	// A short host name ("vm") is looked for as a word in what was sent,
-	// decoded, leaving out the random token and batch IDs.
-	hostWord := regexp.MustCompile(`(^|[^A-Za-z0-9])` + regexp.QuoteMeta(hostname) + `($|[^A-Za-z0-9])`)
+	// In what was sent, decoded (leaving out the random token, batch and
+	// installation IDs), no user name, home or host name in any case: a
+	// name of three characters or more anywhere, a shorter one ("vm") as
+	// a word.
+	names := []string{user, home, zoe.Name, zoe.Home, hostname, short}
+	var patterns []*regexp.Regexp
+	for _, n := range names {
+		if n == "" {
+			continue
+		}
+		q := regexp.QuoteMeta(n)
+		if len(n) < 3 {
+			q = `(^|[^A-Za-z0-9])` + q + `($|[^A-Za-z0-9])`
+		}
+		patterns = append(patterns, regexp.MustCompile(`(?i)`+q))
+	}
+	batchID := regexp.MustCompile(`"batch_id":"[^"]*"`)
 	for _, r := range reqs {
-		texts := []string{r.path, string(r.body)}
+		path := r.path
+		if strings.HasPrefix(path, "/v1/installations/") {
+			path = "/v1/installations/{}"
+		}
+		texts := []string{path, batchID.ReplaceAllString(string(r.body), `"batch_id":""`)}
 		for h, vs := range r.header {
 			if h != "Authorization" && h != "Idempotency-Key" {
 				texts = append(texts, vs...)
 			}
 		}
 		for _, s := range texts {
-			if hostname != "" && hostWord.MatchString(s) {
-				t.Errorf("%s %s sends the host name %q in %q", r.method, r.path, hostname, s[:min(len(s), 200)])
+			for _, re := range patterns {
+				if loc := re.FindStringIndex(s); loc != nil {
+					t.Errorf("%s %s sends %q in %q", r.method, r.path, s[loc[0]:loc[1]], s[max(0, loc[0]-80):min(len(s), loc[1]+80)])
+				}
 			}
 		}
 	}
@@ -365,7 +433,14 @@ func TestPrivacyEveryByteSent(t *testing.T) {
 	if !sawTool {
 		t.Fatalf("the tool's record is not in the bytes sent: the capture missed the upload")
 	}
-	for _, want := range []string{"~/.local/bin/tool", "~/projects/secret-project/build/built", "~/Downloads/installer"} {
+	wants := []string{"~/.local/bin/tool", "~/projects/secret-project/build/built", "~/Downloads/installer"}
+	for dir, want := range zoeDirs {
+		if !strings.HasPrefix(want, "~") {
+			want = filepath.Dir(dir) + want // the test's folder, then the anonymised one
+		}
+		wants = append(wants, want)
+	}
+	for _, want := range wants {
 		if !sawPaths[want] {
 			t.Errorf("no record with path %q was sent (paths sent: %d)", want, len(sawPaths))
 		}

@@ -74,9 +74,10 @@ type scripted struct {
 	requests   int
 	badTokens  int
 	redirectTo string
-	refuse     map[string]bool // hashes refused in modeRefuseSome
-	maxBody    int             // modeSmallBodies
-	largest    int             // largest body posted, decoded
+	refuse     map[string]bool  // hashes refused in modeRefuseSome
+	maxBody    int              // modeSmallBodies
+	largest    int              // largest body posted, decoded
+	onBatch    func(wire.Batch) // called with every valid batch, s.mu held
 }
 
 func newScripted(t *testing.T, clk *uploadtest.Clock) *scripted {
@@ -282,6 +283,9 @@ func (s *scripted) statistics(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mu.Lock()
+	if s.onBatch != nil {
+		s.onBatch(b)
+	}
 	dup := s.batches[b.BatchID]
 	if !dup {
 		s.batches[b.BatchID] = true

@@ -89,6 +89,10 @@ type Options struct {
 	StatementVersion func() int
 	// AgentVersion is sent when registering.
 	AgentVersion string
+	// Scrub, when set, is applied to the records of every batch before
+	// it is encoded (the agent anonymises their paths once more, with
+	// every name it knows by then). The preview must apply it too.
+	Scrub func([]wire.Record) []wire.Record
 	// EnrollSecret returns the private network's enrollment secret, sent
 	// when registering; "" when there is none. An error stops the
 	// registration: an installation is not registered without the secret
@@ -759,6 +763,9 @@ func (u *Uploader) takeBatch() (id string, recs []wire.Record, gz []byte, err er
 		}
 		if len(recs) == 0 {
 			return "", nil, nil, nil
+		}
+		if u.opts.Scrub != nil {
+			recs = u.opts.Scrub(recs)
 		}
 		sv := u.opts.StatementVersion()
 		u.mu.Lock()

@@ -625,3 +625,45 @@ func TestSendRespectsBackoffUnlessForced(t *testing.T) {
 		t.Fatalf("forced send = %+v, %v; want 10 sent", res, err)
 	}
 }
+
+// The records of every batch go through Scrub before they are encoded:
+// the agent anonymises paths once more there, with every name it knows by
+// then.
+func TestScrubBeforeSending(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, func(o *upload.Options) {
+		o.Scrub = func(recs []wire.Record) []wire.Record {
+			out := slices.Clone(recs)
+			for i := range out {
+				out[i].Path = strings.ReplaceAll(out[i].Path, "program", "~")
+			}
+			return out
+		}
+	})
+	s.clk = h.clk
+	var bodies []string
+	s.mu.Lock()
+	s.onBatch = func(b wire.Batch) {
+		for _, r := range b.Records {
+			bodies = append(bodies, r.Path)
+		}
+	}
+	s.mu.Unlock()
+	h.start()
+	h.idle()
+	h.addRecords(0, 4, 1)
+	if sent, err := h.sendNow(); err != nil || sent != 4 {
+		t.Fatalf("SendNow = %d, %v", sent, err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, p := range bodies {
+		if strings.Contains(p, "program") {
+			t.Errorf("path %q sent without Scrub", p)
+		}
+	}
+	if len(bodies) != 4 {
+		t.Errorf("%d records reached the server; want 4", len(bodies))
+	}
+}
