@@ -9,9 +9,12 @@ import (
 )
 
 // Bounds of the ELF parser. Every read it makes is at most one of these,
-// whatever the headers claim, so a hostile header can neither allocate
-// much nor make the parser read far.
+// whatever the headers claim, and all its reads of one file together are
+// at most maxRead bytes: the work and the memory one file can cost are a
+// small constant (MaxParseBytes), however many headers it has. A real
+// program needs a few KiB.
 const (
+	maxRead         = 128 << 10 // bytes read of one file, in all
 	maxProgHeaders  = 512      // real executables have about 15
 	maxPhdrTable    = 64 << 10 // bytes of program header table read
 	maxInterpLen    = 4096     // PATH_MAX
@@ -24,6 +27,10 @@ const (
 	elf64PhdrLen    = 56
 	elf32PhdrLen    = 32
 )
+
+// MaxParseBytes bounds what ParseELF reads of a file and, give or take a
+// few hundred bytes of results, what it allocates.
+const MaxParseBytes = maxRead
 
 // ELF constants (from the System V ABI; debug/elf is not used because it
 // allocates by header counts).
@@ -77,8 +84,11 @@ type elfParser struct {
 	is64 bool
 	out  ELF
 
-	hasInterp bool
-	pieFlag   bool
+	hasInterp  bool
+	hasDynamic bool
+	pieFlag    bool
+	// left is what may still be read of the file (maxRead in all).
+	left uint64
 }
 
 // ParseELF reads the ELF facts of the file behind r, whose size is size.
@@ -86,7 +96,7 @@ type elfParser struct {
 // the headers say: a header it cannot trust ends the parse, and
 // ELF.Malformed says why. The other fields then hold what was read before.
 func ParseELF(r io.ReaderAt, size int64) *ELF {
-	p := &elfParser{r: r, size: size}
+	p := &elfParser{r: r, size: size, left: maxRead}
 	if err := p.parse(); err != nil {
 		p.out.Malformed = err.Error()
 	}
@@ -95,11 +105,16 @@ func ParseELF(r io.ReaderAt, size int64) *ELF {
 	return &p.out
 }
 
-// read returns n bytes at off, or an error when they lie outside the file.
+// read returns n bytes at off, or an error when they lie outside the file
+// or would take the parser's reads beyond maxRead.
 func (p *elfParser) read(what string, off, n uint64) ([]byte, error) {
 	if off > uint64(p.size) || n > uint64(p.size)-off {
 		return nil, fmt.Errorf("%s at offset %d length %d lies outside the %d-byte file", what, off, n, p.size)
 	}
+	if n > p.left {
+		return nil, fmt.Errorf("%s of %d bytes would take the headers read beyond %d bytes", what, n, maxRead)
+	}
+	p.left -= n
 	buf := make([]byte, n)
 	if _, err := p.r.ReadAt(buf, int64(off)); err != nil {
 		return nil, fmt.Errorf("read %s: %w", what, err)
@@ -216,6 +231,10 @@ func (p *elfParser) parse() error {
 			p.hasInterp = true
 			p.out.Interpreter = cString(b)
 		case ptDynamic:
+			if p.hasDynamic {
+				return fmt.Errorf("more than one PT_DYNAMIC")
+			}
+			p.hasDynamic = true
 			if err := p.dynamic(off, filesz); err != nil {
 				return err
 			}

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"flag"
+	"io"
 	"os"
+	"runtime"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -204,13 +206,150 @@ func FuzzELF(f *testing.F) {
 			f.Add(b)
 		}
 	}
+	f.Add(manyDynamic(512))
+	f.Add(manyNotes(16))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		got := ParseELF(bytes.NewReader(data), int64(len(data)))
+		r := &countingReaderAt{r: bytes.NewReader(data)}
+		var got *ELF
+		alloc := allocated(func() { got = ParseELF(r, int64(len(data))) })
 		if got == nil {
 			t.Fatal("nil result")
 		}
 		if len(got.Interpreter) > maxInterpLen || len(got.BuildID) > 2*maxBuildIDLen {
 			t.Fatalf("unbounded field: %+v", got)
 		}
+		if r.n > MaxParseBytes {
+			t.Fatalf("read %d bytes of a %d-byte file; the bound is %d", r.n, len(data), MaxParseBytes)
+		}
+		if alloc > maxParseAlloc {
+			t.Fatalf("allocated %d bytes parsing a %d-byte file; the bound is %d", alloc, len(data), maxParseAlloc)
+		}
 	})
+}
+
+// maxParseAlloc bounds what parsing one file may allocate: what it reads
+// and a little for the results.
+const maxParseAlloc = MaxParseBytes + 16<<10
+
+// countingReaderAt counts the bytes read through it.
+type countingReaderAt struct {
+	r io.ReaderAt
+	n int64
+}
+
+func (c *countingReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.r.ReadAt(p, off)
+	c.n += int64(n)
+	return n, err
+}
+
+// allocated returns the bytes fn allocated on the heap.
+func allocated(fn func()) uint64 {
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	fn()
+	runtime.ReadMemStats(&after)
+	return after.TotalAlloc - before.TotalAlloc
+}
+
+// withSegments builds an ELF of n program headers of type typ, each
+// covering the same segment of size bytes made by fill.
+func withSegments(typ uint32, n, size int, fill func([]byte)) []byte {
+	le := binary.LittleEndian
+	h := make([]byte, elf64HeaderLen)
+	copy(h, elfMagic[:])
+	h[4], h[5], h[6] = 2, 1, 1
+	le.PutUint16(h[16:], etDyn)
+	le.PutUint16(h[18:], 62)
+	le.PutUint32(h[20:], 1)
+	le.PutUint64(h[32:], elf64HeaderLen)
+	le.PutUint16(h[52:], elf64HeaderLen)
+	le.PutUint16(h[54:], elf64PhdrLen)
+	le.PutUint16(h[56:], uint16(n))
+	off := uint64(elf64HeaderLen + elf64PhdrLen*n)
+	out := h
+	for range n {
+		ph := make([]byte, elf64PhdrLen)
+		le.PutUint32(ph[0:], typ)
+		le.PutUint64(ph[8:], off)
+		le.PutUint64(ph[32:], uint64(size))
+		le.PutUint64(ph[48:], 4)
+		out = append(out, ph...)
+	}
+	seg := make([]byte, size)
+	fill(seg)
+	return append(out, seg...)
+}
+
+// manyDynamic is a file of n PT_DYNAMIC headers over one 64 KiB segment
+// of entries that are not DT_NULL: each header made the parser read
+// (and allocate) the whole segment again.
+func manyDynamic(n int) []byte {
+	return withSegments(ptDynamic, n, maxDynamicBytes, func(b []byte) {
+		for i := 0; i+16 <= len(b); i += 16 {
+			binary.LittleEndian.PutUint64(b[i:], 1) // DT_NEEDED
+		}
+	})
+}
+
+// manyNotes is a file of n PT_NOTE headers over one 64 KiB segment of
+// notes that are not the build ID.
+func manyNotes(n int) []byte {
+	return withSegments(ptNote, n, maxNoteSegment, func(b []byte) {
+		for i := 0; i+16 <= len(b); i += 16 {
+			binary.LittleEndian.PutUint32(b[i:], 4)
+			binary.LittleEndian.PutUint32(b[i+4:], 0)
+			binary.LittleEndian.PutUint32(b[i+8:], 1)
+			copy(b[i+12:], "XYZ\x00")
+		}
+	})
+}
+
+// A hostile file cannot make parsing it cost more than a small constant,
+// whatever its headers say: 512 PT_DYNAMIC headers over a 64 KiB segment
+// (32 MiB of reads before the bound), 16 PT_NOTE headers over one.
+func TestParseELFBounded(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		data []byte
+	}{
+		{"512 PT_DYNAMIC", manyDynamic(512)},
+		{"16 PT_NOTE", manyNotes(16)},
+		{"one PT_DYNAMIC", manyDynamic(1)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &countingReaderAt{r: bytes.NewReader(tc.data)}
+			var got *ELF
+			alloc := allocated(func() { got = ParseELF(r, int64(len(tc.data))) })
+			t.Logf("%d-byte file: read %d bytes, allocated %d; malformed: %q", len(tc.data), r.n, alloc, got.Malformed)
+			if r.n > MaxParseBytes || alloc > maxParseAlloc {
+				t.Errorf("read %d bytes and allocated %d; the bounds are %d and %d", r.n, alloc, MaxParseBytes, maxParseAlloc)
+			}
+		})
+	}
+}
+
+// BenchmarkParseELF compares a real program's headers with the hostile
+// files of TestParseELFBounded.
+func BenchmarkParseELF(b *testing.B) {
+	real, err := os.ReadFile("/bin/sh")
+	if err != nil {
+		b.Skip(err)
+	}
+	for _, bc := range []struct {
+		name string
+		data []byte
+	}{
+		{"real", real},
+		{"512-dynamic", manyDynamic(512)},
+		{"16-notes", manyNotes(16)},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			r := bytes.NewReader(bc.data)
+			b.ReportAllocs()
+			for b.Loop() {
+				ParseELF(r, int64(len(bc.data)))
+			}
+		})
+	}
 }
