@@ -98,6 +98,7 @@ var postgresDialect = &dialect{
 	lockMigrations: fmt.Sprintf("SELECT pg_advisory_xact_lock(%d)", migrationLockKey),
 	rebind:         rebindDollar,
 	upsertStats:    postgresUpsertStats,
+	ingest:         postgresIngest,
 	inHashes:       "%s = ANY(?::text[])",
 	hashTable:      "unnest(?::text[]) AS %s(sha256)",
 	statsByTime:    "stats AS %s",
@@ -142,39 +143,70 @@ func rebindDollar(q string) string {
 
 // postgresUpsertStats upserts all stats in one statement over arrays.
 func postgresUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time) error {
-	n := len(stats)
-	var (
-		hashes = make([]string, n)
-		sizes  = make([]int64, n)
-		kinds  = make([]string, n)
-		paths  = make([]string, n)
-		pkg    = make([]int16, n)
-		malf   = make([]int16, n)
-		execs  = make([]int64, n)
-		loaded = make([]int16, n)
-		first  = make([]int64, n)
-		last   = make([]int64, n)
-	)
-	for i, st := range stats {
-		hashes[i], sizes[i], kinds[i], paths[i] = st.SHA256, st.Size, st.Kind, st.Path
-		pkg[i], malf[i], loaded[i] = int16(boolInt(st.PackageManaged)), int16(boolInt(st.Malformed)), int16(boolInt(st.Loaded))
-		execs[i], first[i], last[i] = st.ExecCount, st.FirstSeen.Unix(), st.LastSeen.Unix()
-	}
-	if _, err := tx.ExecContext(ctx, PostgresUpsertSQL, id, now.Unix(), hashes, sizes, kinds, paths, pkg, malf, execs, loaded, first, last); err != nil {
+	a := statArrays(stats)
+	if _, err := tx.ExecContext(ctx, PostgresUpsertSQL, id, now.Unix(), a.hashes, a.sizes, a.kinds, a.paths, a.pkg, a.malf, a.execs, a.loaded, a.first, a.last); err != nil {
 		return fmt.Errorf("upsert stats: %w", err)
 	}
 	return nil
 }
 
-// PostgresUpsertSQL is the statement that stores a batch on PostgreSQL:
-// one multi-row upsert over arrays. Parameters: installation ID, time of
-// receipt, then one array per column. It is exported for the benchmark
-// that compares the server's ingest with the bare statement.
-const PostgresUpsertSQL = `INSERT INTO stats
-	(installation_id, created_at, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen)
-	SELECT $1, $2, u.* FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::smallint[], $8::smallint[],
-		$9::bigint[], $10::smallint[], $11::bigint[], $12::bigint[]) AS u
-	ON CONFLICT (installation_id, sha256) DO UPDATE SET
+// postgresIngest stores a batch in one statement, so one round trip: it
+// marks the installation active (locking its row, which a deletion waits
+// for), records the batch ID (a concurrent insert of the same ID waits
+// for this one and then inserts nothing) and, only if both did something,
+// upserts the stats.
+func postgresIngest(ctx context.Context, db *sql.DB, id, batchID string, stats []Stat, now time.Time) (ok, dup bool, err error) {
+	a := statArrays(stats)
+	var installations, batches int
+	err = db.QueryRowContext(ctx, `WITH inst AS (
+			UPDATE installations SET
+				active_days = active_days + CASE WHEN last_active < $3 THEN 1 ELSE 0 END,
+				last_active = $4
+			WHERE id = $1 RETURNING id
+		), b AS (
+			INSERT INTO batches (installation_id, batch_id, received_at, records)
+			SELECT id, $2, $4, $5 FROM inst
+			ON CONFLICT DO NOTHING RETURNING installation_id
+		), s AS (
+			INSERT INTO stats
+			(installation_id, created_at, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen)
+			SELECT b.installation_id, $4, u.* FROM b, unnest($6::text[], $7::bigint[], $8::text[], $9::text[], $10::smallint[], $11::smallint[],
+				$12::bigint[], $13::smallint[], $14::bigint[], $15::bigint[]) AS u
+			`+upsertSet+`
+		)
+		SELECT (SELECT COUNT(*) FROM inst), (SELECT COUNT(*) FROM b)`,
+		id, batchID, dayStart(now), now.Unix(), len(stats),
+		a.hashes, a.sizes, a.kinds, a.paths, a.pkg, a.malf, a.execs, a.loaded, a.first, a.last).Scan(&installations, &batches)
+	if err != nil {
+		return false, false, err
+	}
+	return installations > 0, installations > 0 && batches == 0, nil
+}
+
+// arrays are stats by column, as PostgreSQL's unnest takes them.
+type arrays struct {
+	hashes, kinds, paths      []string
+	sizes, execs, first, last []int64
+	pkg, malf, loaded         []int16
+}
+
+func statArrays(stats []Stat) arrays {
+	n := len(stats)
+	a := arrays{
+		hashes: make([]string, n), kinds: make([]string, n), paths: make([]string, n),
+		sizes: make([]int64, n), execs: make([]int64, n), first: make([]int64, n), last: make([]int64, n),
+		pkg: make([]int16, n), malf: make([]int16, n), loaded: make([]int16, n),
+	}
+	for i, st := range stats {
+		a.hashes[i], a.sizes[i], a.kinds[i], a.paths[i] = st.SHA256, st.Size, st.Kind, st.Path
+		a.pkg[i], a.malf[i], a.loaded[i] = int16(boolInt(st.PackageManaged)), int16(boolInt(st.Malformed)), int16(boolInt(st.Loaded))
+		a.execs[i], a.first[i], a.last[i] = st.ExecCount, st.FirstSeen.Unix(), st.LastSeen.Unix()
+	}
+	return a
+}
+
+// upsertSet is what an upsert of stats does to a row that exists.
+const upsertSet = `ON CONFLICT (installation_id, sha256) DO UPDATE SET
 		size = excluded.size,
 		kind = excluded.kind,
 		path = excluded.path,
@@ -184,6 +216,16 @@ const PostgresUpsertSQL = `INSERT INTO stats
 		loaded = GREATEST(stats.loaded, excluded.loaded),
 		first_seen = LEAST(stats.first_seen, excluded.first_seen),
 		last_seen = GREATEST(stats.last_seen, excluded.last_seen)`
+
+// PostgresUpsertSQL is the statement that stores a batch on PostgreSQL:
+// one multi-row upsert over arrays. Parameters: installation ID, time of
+// receipt, then one array per column. It is exported for the benchmark
+// that compares the server's ingest with the bare statement.
+const PostgresUpsertSQL = `INSERT INTO stats
+	(installation_id, created_at, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen)
+	SELECT $1, $2, u.* FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::smallint[], $8::smallint[],
+		$9::bigint[], $10::smallint[], $11::bigint[], $12::bigint[]) AS u
+	` + upsertSet
 
 func postgresColumns(ctx context.Context, db *sql.DB) (map[string][]column, error) {
 	return scanColumns(ctx, db, "text", "bytea", `SELECT table_name, column_name, data_type FROM information_schema.columns

@@ -20,6 +20,9 @@ type dialect struct {
 	lockMigrations string
 	rebind         func(string) string
 	upsertStats    func(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time) error
+	// ingest, when set, does all of Ingest in one statement (stats
+	// sorted by hash); ok reports whether the installation exists.
+	ingest func(ctx context.Context, db *sql.DB, id, batchID string, stats []Stat, now time.Time) (ok, duplicate bool, err error)
 	// inHashes is a condition "column is one of the hashes" over one
 	// parameter, %s standing for the column; hashesArg makes the parameter.
 	inHashes  string
@@ -187,6 +190,16 @@ func (s *sqlStore) Ingest(ctx context.Context, installationID, batchID string, s
 	stats = slices.Clone(stats)
 	slices.SortFunc(stats, func(a, b Stat) int { return strings.Compare(a.SHA256, b.SHA256) })
 
+	if s.d.ingest != nil {
+		ok, dup, err := s.d.ingest(ctx, s.write, installationID, batchID, stats, now)
+		if err != nil {
+			return false, fmt.Errorf("ingest batch: %w", err)
+		}
+		if !ok {
+			return false, ErrUnknownInstallation
+		}
+		return dup, nil
+	}
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
 		return false, fmt.Errorf("ingest batch: %w", err)
