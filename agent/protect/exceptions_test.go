@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cloudprotect/cloudprotect/agent/api"
 )
 
 const (
@@ -140,4 +142,31 @@ func TestExceptionsFailedSaveChangesNothing(t *testing.T) {
 	if x.Has(shaA) {
 		t.Error("an exception that was not saved applies")
 	}
+}
+
+// Whatever the file holds, reading it never panics, and a list it accepts
+// is written back to a file that reads the same.
+func FuzzParseExceptions(f *testing.F) {
+	f.Add([]byte(`{"version": 1, "exceptions": [{"sha256": "` + shaA + `", "reason": "tool", "added": "2026-05-01T12:00:00Z", "uid": 1000}]}`))
+	f.Add([]byte(`{"version": 1, "exceptions": []}`))
+	f.Add([]byte(`{"version": 2}`))
+	f.Add([]byte(`[]`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		list, err := parseExceptions(b)
+		if err != nil {
+			return
+		}
+		path := filepath.Join(t.TempDir(), ExceptionsFile)
+		x := &Exceptions{path: path, byHash: map[string]api.Exception{}}
+		for _, e := range list {
+			x.byHash[e.SHA256] = e
+		}
+		if err := x.saveLocked(); err != nil {
+			t.Fatal(err)
+		}
+		y, err := OpenExceptions(path)
+		if err != nil || y.Notice() != "" || y.Len() != x.Len() {
+			t.Fatalf("written list read back as %d exceptions (%v, %q); want %d", y.Len(), err, y.Notice(), x.Len())
+		}
+	})
 }
