@@ -129,10 +129,11 @@ var de = Catalog{
 		"\nnote: %s\n": "\nHinweis: %s\n",
 		"blocking programs the Security Network knows to be malicious": "blockiert Programme, die das Security Network als schädlich kennt",
 		"alerts only: the policy does not allow blocking":              "nur Warnungen: die Richtlinie erlaubt kein Blockieren",
-		"not blocking: %s":     "blockiert nicht: %s",
-		"not blocking":         "blockiert nicht",
-		"; blocked so far: %d": "; bisher blockiert: %d",
-		", last %s at %s":      ", zuletzt %s um %s",
+		"not blocking: %s":                  "blockiert nicht: %s",
+		"not blocking":                      "blockiert nicht",
+		"; blocked so far: %d":              "; bisher blockiert: %d",
+		"; held for the cloud's answer: %d": "; auf die Antwort der Cloud gewartet: %d",
+		", last %s at %s":                   ", zuletzt %s um %s",
 
 		// alerts
 		"this agent keeps no alert history":                                                    "dieser Agent führt keinen Verlauf der Warnungen",

@@ -141,10 +141,11 @@ var ru = Catalog{
 		"\nnote: %s\n": "\nпримечание: %s\n",
 		"blocking programs the Security Network knows to be malicious": "блокирует программы, которые Security Network считает вредоносными",
 		"alerts only: the policy does not allow blocking":              "только предупреждения: политика не разрешает блокировку",
-		"not blocking: %s":     "не блокирует: %s",
-		"not blocking":         "не блокирует",
-		"; blocked so far: %d": "; заблокировано: %d",
-		", last %s at %s":      ", последняя — %s в %s",
+		"not blocking: %s":                  "не блокирует: %s",
+		"not blocking":                      "не блокирует",
+		"; blocked so far: %d":              "; заблокировано: %d",
+		"; held for the cloud's answer: %d": "; ожидали ответа облака: %d",
+		", last %s at %s":                   ", последняя — %s в %s",
 
 		// alerts
 		"this agent keeps no alert history":                                                    "этот агент не хранит историю предупреждений",

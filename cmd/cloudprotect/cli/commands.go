@@ -158,6 +158,9 @@ func protectionLine(p *i18n.Printer, st api.Status) string {
 	if pr.Blocked > 0 {
 		s += p.Sprintf("; blocked so far: %d", pr.Blocked)
 	}
+	if pr.Held > 0 {
+		s += p.Sprintf("; held for the cloud's answer: %d", pr.Held)
+	}
 	if b := pr.LastBlock; b != nil {
 		s += p.Sprintf(", last %s at %s", safetext.Line(b.Path), b.Time.Local().Format("2006-01-02 15:04"))
 	}
