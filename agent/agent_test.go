@@ -26,6 +26,10 @@ import (
 
 func TestMain(m *testing.M) {
 	spawn.MaybeChild()
+	// A copy of this binary run as another user is an agent.
+	if dir := os.Getenv(agentAsUserEnv); dir != "" {
+		os.Exit(agentAsUser(dir))
+	}
 	// A copy of this binary serves as a slow proxy in front of the cloud.
 	if spec := os.Getenv(proxyEnv); spec != "" {
 		os.Exit(lookupProxy(spec))
@@ -38,6 +42,7 @@ func TestMain(m *testing.M) {
 		if daemonDir != "" {
 			os.RemoveAll(daemonDir)
 		}
+		testenv.RemoveSelfCopy()
 		os.Exit(code)
 	}))
 }

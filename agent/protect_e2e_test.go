@@ -5,12 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -556,4 +558,113 @@ func TestProtectGroupOnlyWhileParticipating(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+const agentAsUserEnv = "CLOUDPROTECT_TEST_AGENT_AS_USER"
+
+// agentAsUser runs a user-mode agent with its files under dir until
+// SIGTERM: the test binary's copy, started as an ordinary account.
+func agentAsUser(dir string) int {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	a, err := New(Config{
+		Mode:       ModeUser,
+		StateDir:   filepath.Join(dir, "state"),
+		Socket:     filepath.Join(dir, "run", "cloudprotectd.sock"),
+		PolicyPath: filepath.Join(dir, "policy.json"),
+		Server:     "http://127.0.0.1:1",
+		Logger:     slog.New(slog.NewTextHandler(os.Stderr, nil)),
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := a.Run(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// An agent without root cannot have a permission group: its status says
+// blocking needs the system agent, and it does not try again and again.
+func TestProtectNeedsRoot(t *testing.T) {
+	testenv.NeedRoot(t)
+	acct := testenv.AddUser(t, "cpblk", "")
+	dir, err := os.MkdirTemp("", "cloudprotect-protect-user-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	if err := os.Chown(dir, int(acct.UID), int(acct.GID)); err != nil {
+		t.Fatal(err)
+	}
+	cmd := testenv.As(t, acct.UID, acct.GID, nil, agentAsUserEnv+"="+dir, "HOME="+dir, "XDG_RUNTIME_DIR="+dir)
+	var log syncBuffer
+	cmd.Stderr = &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		close(exited)
+	}()
+	watchdog := time.AfterFunc(protectWatchdog, func() { cmd.Process.Kill() })
+	t.Cleanup(func() {
+		watchdog.Stop()
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(15 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			t.Logf("agent log:\n%s", log.String())
+		}
+	})
+	a := &protectingAgent{cmd: cmd, client: localapi.NewClient(filepath.Join(dir, "run", "cloudprotectd.sock"))}
+	defer a.client.Close()
+	for i := 0; ; i++ {
+		if _, err := a.client.Status(context.Background()); err == nil {
+			break
+		}
+		if i == 400 {
+			t.Fatalf("agent did not start:\n%s", log.String())
+		}
+		time.Sleep(25 * time.Millisecond)
+	}
+	a.participate(t)
+	const why = "blocking needs the system agent, which runs as root"
+	st := a.waitStatus(t, "why blocking is off", func(st api.Status) bool { return st.Protection.Reason == why })
+	if st.Protection.Active || st.Protection.Mode != "block" {
+		t.Errorf("protection = %+v", st.Protection)
+	}
+	time.Sleep(2 * time.Second)
+	if n := strings.Count(log.String(), "blocking at exec needs root"); n != 1 {
+		t.Errorf("%d attempts logged; want 1 until consent or policy change", n)
+	}
+	if n := a.fanotifyGroups(t); n > 1 {
+		t.Errorf("%d fanotify groups; want at most the unprivileged exec source", n)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a writer and a reader at once.
+type syncBuffer struct {
+	mu sync.Mutex // protects b
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
