@@ -42,17 +42,23 @@ func (g *Guard) newEvent(fd, pid int, now time.Time) *event {
 }
 
 // expire runs when an event's deadline passes: the execution is allowed.
-// A held event also tells the circuit that the cloud was too slow.
+// A held event first opens the circuit (the cloud was too slow), so the
+// executions that follow this one, once it runs, do not wait as well.
 func (g *Guard) expire(e *event) {
+	e.mu.Lock()
+	held, answered := e.held, e.answered
+	e.mu.Unlock()
+	if answered {
+		return
+	}
+	if held {
+		g.circ.failure(time.Now())
+	}
 	if !g.answer(e, true) {
 		return
 	}
 	g.c.timedOut.Add(1)
-	e.mu.Lock()
-	held := e.held
-	e.mu.Unlock()
 	if held {
-		g.circ.failure(time.Now())
 		g.ask.drop(e)
 	}
 	g.log.Debug("execution allowed at its deadline", "pid", e.pid, "held", held)

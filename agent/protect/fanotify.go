@@ -62,13 +62,15 @@ func (g *Guard) drain(buf []byte, work chan<- *event) {
 		switch {
 		case err == unix.EINTR:
 			continue
-		case err == unix.EAGAIN || n <= 0:
+		case err == unix.EAGAIN:
 			return
 		case err != nil:
 			// The kernel could not hand an event over (no descriptor
 			// left, …) and answered it itself.
 			g.c.failed.Add(1)
 			g.log.Warn("cannot read permission event", "err", err)
+			return
+		case n <= 0:
 			return
 		}
 		g.parse(buf[:n], time.Now(), work)

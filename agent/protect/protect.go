@@ -335,21 +335,22 @@ func (g *Guard) Serve(ctx context.Context) error {
 }
 
 // shutdown answers every execution still held, stops their timers and
-// closes the group; later answers find it closed and do nothing.
+// closes the group; later answers find it closed and do nothing. It runs
+// once the reader and the workers are done, so no event is added
+// meanwhile. (Each answer takes the event's lock and then respMu, as a
+// timer's does; respMu is taken for writing only when none is held.)
 func (g *Guard) shutdown() {
-	g.respMu.Lock()
-	defer g.respMu.Unlock()
 	g.liveMu.Lock()
+	live := make([]*event, 0, len(g.live))
 	for e := range g.live {
-		e.mu.Lock()
-		if !e.answered {
-			e.answered = true
-			g.writeResponse(e.fd, unix.FAN_ALLOW)
-		}
-		e.timer.Stop()
-		e.mu.Unlock()
+		live = append(live, e)
 	}
 	g.liveMu.Unlock()
+	for _, e := range live {
+		g.answer(e, true)
+	}
+	g.respMu.Lock()
+	defer g.respMu.Unlock()
 	if g.fd >= 0 {
 		unix.Close(g.fd)
 	}
