@@ -201,7 +201,7 @@ func New(cfg Config) (*Agent, error) {
 		runners: a.runners,
 		chain:   func() ([]func(execwatch.Options) execwatch.Source, error) { return execwatch.Chain(cfg.ExecSource) },
 		loaded: func() execwatch.Source {
-			return execwatch.NewLoaded(execwatch.LoadedOptions{Logger: cfg.Logger, Dirs: a.loadDirs()})
+			return execwatch.NewLoaded(execwatch.LoadedOptions{Logger: cfg.Logger, Dirs: cfg.LoadDirs, People: a.loadPeople()})
 		},
 		afterBatch:     a.afterBatch,
 		forget:         a.forget,

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -380,26 +379,19 @@ func (c *collector) status() collectionStatus {
 	return st
 }
 
-// loadDirs lists the folders where programs arrive: the person's in user
-// mode, every person's with a home under /home (and root's) in system mode.
-func (a *Agent) loadDirs() []string {
-	if len(a.cfg.LoadDirs) > 0 {
-		return a.cfg.LoadDirs
+// loadPeople lists, in system mode, every person whose folders are
+// watched for programs that arrive, with their rights (see
+// execwatch.Person); nil in user mode or when the configuration names
+// the folders: then the watcher watches them with the agent's own.
+func (a *Agent) loadPeople() []execwatch.Person {
+	if len(a.cfg.LoadDirs) > 0 || a.cfg.Mode == ModeUser {
+		return nil
 	}
-	if a.cfg.Mode == ModeUser {
-		return nil // the watcher's default: this user's folders
-	}
-	var dirs []string
-	users, err := identify.ReadPasswd("/etc/passwd")
+	people, err := execwatch.PeopleFromPasswd("/etc/passwd")
 	if err != nil {
 		a.log.Warn("read /etc/passwd for download folders", "err", err)
 	}
-	for _, u := range users {
-		if u.Home == "/root" || strings.HasPrefix(u.Home, "/home/") {
-			dirs = append(dirs, execwatch.UserLoadDirs(u.Home, filepath.Join(u.Home, ".config"))...)
-		}
-	}
-	return dirs
+	return people
 }
 
 // forget removes everything collected while the person participated: the
