@@ -15,12 +15,12 @@ import (
 // program needs a few KiB.
 const (
 	maxRead         = 128 << 10 // bytes read of one file, in all
-	maxProgHeaders  = 512      // real executables have about 15
-	maxPhdrTable    = 64 << 10 // bytes of program header table read
-	maxInterpLen    = 4096     // PATH_MAX
-	maxNoteSegment  = 64 << 10 // bytes of one PT_NOTE segment read
-	maxDynamicBytes = 64 << 10 // bytes of PT_DYNAMIC read
-	maxBuildIDLen   = 64       // NT_GNU_BUILD_ID is 20 bytes (SHA-1) in practice
+	maxProgHeaders  = 512       // real executables have about 15
+	maxPhdrTable    = 64 << 10  // bytes of program header table read
+	maxInterpLen    = 4096      // PATH_MAX
+	maxNoteSegment  = 64 << 10  // bytes of one PT_NOTE segment read
+	maxDynamicBytes = 64 << 10  // bytes of PT_DYNAMIC read
+	maxBuildIDLen   = 64        // NT_GNU_BUILD_ID is 20 bytes (SHA-1) in practice
 	elfIdentLen     = 16
 	elf64HeaderLen  = 64
 	elf32HeaderLen  = 52

@@ -6,8 +6,8 @@ import (
 	"flag"
 	"io"
 	"os"
-	"runtime"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 )
