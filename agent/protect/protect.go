@@ -330,6 +330,11 @@ func (g *Guard) Serve(ctx context.Context) error {
 
 	g.active.Store(true)
 	defer g.active.Store(false)
+	defer func() {
+		st := g.Stats()
+		g.log.Info("blocking at exec ends", "events", st.Events, "denied", st.Denied, "held", st.Held,
+			"timed_out", st.TimedOut, "marked", st.Marked, "self", st.Self, "busy", st.Busy, "failed", st.Failed, "skipped", st.Skipped)
+	}()
 	g.log.Info("blocking at exec active", "filesystems", m.count(), "first_sight", g.deadline())
 	return g.read(ctx, w, m, work)
 }
