@@ -330,7 +330,7 @@ func TestProtectBlocksMaliciousEndToEnd(t *testing.T) {
 	os.Mkdir(downloads, 0o755)
 	bad, sum := uniqueProgram(t, downloads, "invoice-viewer")
 	cloud := startTestCloud(t, cloudOpts{malicious: []string{sum}})
-	a := startProtectingAgent(t, daemon, cloud.URL, "")
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`) // ample time for a loaded machine
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	blocks := make(chan api.Alert, 8)
