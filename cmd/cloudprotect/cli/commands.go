@@ -2,18 +2,15 @@ package cli
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
-	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/version"
@@ -172,13 +169,9 @@ func cmdAlerts(ctx context.Context, r *runner, args []string) error {
 	if err := r.parseFlags("alerts", args, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
 		return err
 	}
-	l, err := r.client.Alerts(ctx)
-	var ae *localapi.APIError
-	if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound {
-		return &hintError{err: r.p.Error("this agent keeps no alert history"), hint: r.p.Sprintf("update cloudprotect; until then alerts appear only as notifications")}
-	}
+	l, err := r.alerts(ctx)
 	if err != nil {
-		return r.wrap(err)
+		return err
 	}
 	if asJSON {
 		return printJSON(r.env.Stdout, l)

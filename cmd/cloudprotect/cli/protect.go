@@ -103,13 +103,9 @@ func cmdBlocked(ctx context.Context, r *runner, args []string) error {
 	if err := r.parseFlags("blocked", args, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
 		return err
 	}
-	l, err := r.client.Alerts(ctx)
-	var ae *localapi.APIError
-	if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound {
-		return &hintError{err: r.p.Error("this agent keeps no alert history"), hint: r.p.Sprintf("update cloudprotect; until then alerts appear only as notifications")}
-	}
+	l, err := r.alerts(ctx)
 	if err != nil {
-		return r.wrap(err)
+		return err
 	}
 	var blocks []api.Alert
 	for _, a := range l.Alerts {
@@ -134,6 +130,19 @@ func cmdBlocked(ctx context.Context, r *runner, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", when, safetext.Line(a.Path), safetext.Line(a.SHA256), sourceName(r, a.Source))
 	}
 	return tw.Flush()
+}
+
+// alerts fetches the recent alerts the caller may see.
+func (r *runner) alerts(ctx context.Context) (api.AlertList, error) {
+	l, err := r.client.Alerts(ctx)
+	var ae *localapi.APIError
+	if errors.As(err, &ae) && ae.StatusCode == http.StatusNotFound {
+		return l, &hintError{err: r.p.Error("this agent keeps no alert history"), hint: r.p.Sprintf("update cloudprotect; until then alerts appear only as notifications")}
+	}
+	if err != nil {
+		return l, r.wrap(err)
+	}
+	return l, nil
 }
 
 // sourceName says where a verdict came from.
