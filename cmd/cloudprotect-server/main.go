@@ -30,6 +30,7 @@ import (
 	"github.com/cloudprotect/cloudprotect/server/console"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
+	"github.com/cloudprotect/cloudprotect/version"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 
@@ -41,12 +42,34 @@ const usage = `usage:
   cloudprotect-server [serve] --listen ADDR --db DSN [--tls-cert FILE --tls-key FILE] [--enroll-secret-file FILE]
   cloudprotect-server import --db DSN [--feed NAME] [--trusted FILE] [--untrusted FILE] [--malicious FILE] [--replace]
   cloudprotect-server analyst add NAME [--replace] | remove NAME | list   --db DSN
-run "cloudprotect-server COMMAND -h" for the flags of a command
+  cloudprotect-server help [COMMAND] | version
+run "cloudprotect-server help COMMAND" (or COMMAND --help) for the flags of a command
 `
 
 func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if len(args) > 0 {
+		switch args[0] {
+		case "help", "-h", "-help", "--help":
+			if len(args) > 1 && args[0] == "help" {
+				// help COMMAND is COMMAND --help.
+				return run([]string{args[1], "--help"}, stdin, stdout, stderr)
+			}
+			fmt.Fprint(stdout, usage)
+			return 0
+		case "version", "-version", "--version":
+			fmt.Fprintf(stdout, "cloudprotect-server %s\n", version.String())
+			return 0
+		}
+	}
+	// Help asked for goes to standard output; mistakes to standard error.
+	flagOut := stderr
+	for _, a := range args {
+		if a == "-h" || a == "-help" || a == "--help" {
+			flagOut = stdout
+		}
+	}
 	cmd := "serve"
 	if len(args) > 0 && (args[0] == "serve" || args[0] == "import" || args[0] == "analyst") {
 		cmd, args = args[0], args[1:]
@@ -57,11 +80,11 @@ func run(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	var err error
 	switch cmd {
 	case "serve":
-		err = serve(ctx, args, stderr)
+		err = serve(ctx, args, flagOut)
 	case "import":
-		err = importLists(ctx, args, stdout, stderr)
+		err = importLists(ctx, args, stdout, flagOut)
 	case "analyst":
-		err = analyst(ctx, args, stdin, stdout, stderr)
+		err = analyst(ctx, args, stdin, stdout, flagOut)
 	}
 	if errors.Is(err, flag.ErrHelp) {
 		return 0

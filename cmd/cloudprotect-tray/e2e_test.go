@@ -762,3 +762,42 @@ func TestHostileAlert(t *testing.T) {
 	waitIcon(t, it, icons.Participating)
 	waitEntry(t, it, "Blocked ", func(e dt.MenuEntry) bool { return e.Visible })
 }
+
+// Every program explains itself when asked, on stdout with exit 0, and
+// says its version; a mistake goes to stderr with exit 2.
+func TestHelpAndVersion(t *testing.T) {
+	bin := binaries(t)
+	run := func(prog string, args ...string) (stdout, stderr string, code int) {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(bin, prog), args...)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}
+		var o, e bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &o, &e
+		err := cmd.Run()
+		code = 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return o.String(), e.String(), code
+	}
+	for _, prog := range []string{"cloudprotectd", "cloudprotect-tray", "cloudprotect"} {
+		for _, args := range [][]string{{"--help"}, {"-h"}, {"help"}} {
+			out, errOut, code := run(prog, args...)
+			if code != 0 || !strings.HasPrefix(out, "usage: "+prog) || errOut != "" {
+				t.Errorf("%s %v: exit %d\nstdout:\n%s\nstderr:\n%s", prog, args, code, out, errOut)
+			}
+		}
+		for _, args := range [][]string{{"--version"}, {"version"}} {
+			out, _, code := run(prog, args...)
+			if code != 0 || !strings.HasPrefix(out, prog+" ") {
+				t.Errorf("%s %v: exit %d, %q", prog, args, code, out)
+			}
+		}
+		out, errOut, code := run(prog, "--no-such-flag")
+		if code != 2 || out != "" || !strings.HasPrefix(errOut, prog+": error: ") {
+			t.Errorf("%s --no-such-flag: exit %d\nstdout:\n%s\nstderr:\n%s", prog, code, out, errOut)
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -15,23 +16,25 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/version"
 )
 
 func main() {
-	user := flag.Bool("user", false, "run as the current user: state under $XDG_STATE_HOME, socket under $XDG_RUNTIME_DIR")
-	stateDir := flag.String("state-dir", "", "folder for the consent record, queue and upload state (default: by mode)")
-	socket := flag.String("socket", "", "local API socket (default: by mode)")
-	policy := flag.String("policy", "", "administrator's policy file (default /etc/cloudprotect/policy.json)")
-	server := flag.String("server", "", "Security Network URL: https://host, or a server on this computer (see SECURITY.md); the policy's server wins. Without one, nothing is sent")
-	execSource := flag.String("exec-source", "", "force an exec source: fanotify, fanotify-unprivileged, proc-connector, proc-poll")
-	debug := flag.Bool("debug", false, "log debug messages")
-	flag.Usage = func() {
-		fmt.Fprintf(os.Stderr, "usage: cloudprotectd [--user] [flags]\n\n")
-		flag.PrintDefaults()
+	fs := flag.NewFlagSet("cloudprotectd", flag.ContinueOnError)
+	user := fs.Bool("user", false, "run as the current user: state under $XDG_STATE_HOME, socket under $XDG_RUNTIME_DIR")
+	stateDir := fs.String("state-dir", "", "folder for the consent record, queue and upload state (default: by mode)")
+	socket := fs.String("socket", "", "local API socket (default: by mode)")
+	policy := fs.String("policy", "", "administrator's policy file (default /etc/cloudprotect/policy.json)")
+	server := fs.String("server", "", "Security Network URL: https://host, or a server on this computer (see SECURITY.md); the policy's server wins. Without one, nothing is sent")
+	execSource := fs.String("exec-source", "", "force an exec source: fanotify, fanotify-unprivileged, proc-connector, proc-poll")
+	debug := fs.Bool("debug", false, "log debug messages")
+	showVersion := fs.Bool("version", false, "print the version")
+	if code := parseArgs(fs, os.Args[1:], os.Stdout, os.Stderr); code >= 0 {
+		os.Exit(code)
 	}
-	flag.Parse()
-	if flag.NArg() > 0 {
-		fail(fmt.Errorf("unexpected argument %q", flag.Arg(0)), "cloudprotectd takes only flags; see cloudprotectd --help")
+	if *showVersion {
+		fmt.Printf("cloudprotectd %s\n", version.String())
+		return
 	}
 
 	level := slog.LevelInfo
@@ -71,6 +74,39 @@ func main() {
 	if err := a.Run(ctx); err != nil {
 		fail(err, "see the messages above")
 	}
+}
+
+// parseArgs parses the command line: -1 to go on, or the exit code when
+// there is nothing more to do (help asked for: the usage on stdout, 0; a
+// mistake: on stderr, 2). "help" and "version" work as commands too.
+func parseArgs(fs *flag.FlagSet, args []string, stdout, stderr io.Writer) int {
+	usage := func(w io.Writer) {
+		fmt.Fprintf(w, "usage: cloudprotectd [--user] [flags]\n\nThe cloudprotect agent. Flags:\n")
+		fs.SetOutput(w)
+		fs.PrintDefaults()
+	}
+	switch {
+	case len(args) == 1 && args[0] == "help":
+		usage(stdout)
+		return 0
+	case len(args) == 1 && args[0] == "version":
+		fmt.Fprintf(stdout, "cloudprotectd %s\n", version.String())
+		return 0
+	}
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			usage(stdout)
+			return 0
+		}
+		fmt.Fprintf(stderr, "cloudprotectd: error: %v\ncloudprotectd: hint: see cloudprotectd --help\n", err)
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "cloudprotectd: error: unexpected argument %q\ncloudprotectd: hint: cloudprotectd takes only flags; see cloudprotectd --help\n", fs.Arg(0))
+		return 2
+	}
+	return -1
 }
 
 func fail(err error, hint string) {
