@@ -140,7 +140,7 @@ func Build(v View, p *i18n.Printer) Menu {
 			if reason == "" {
 				reason = p.Sprintf("the agent sees fewer programs than it should")
 			}
-			details = append(details, p.Sprintf("Limited: %s", safetext.Line(reason)))
+			details = append(details, p.Sprintf("Limited: %s", short(reason, 72)))
 		} else {
 			m.Icon = icons.Participating
 		}
@@ -167,7 +167,7 @@ func Build(v View, p *i18n.Printer) Menu {
 		details = append(details, p.Sprintf("Waiting for your answer…"))
 	}
 	if pa.PolicyError != "" {
-		details = append(details, p.Sprintf("Policy file ignored: %s", safetext.Line(pa.PolicyError)))
+		details = append(details, p.Sprintf("Policy file ignored: %s", short(pa.PolicyError, 72)))
 	}
 	if pa.Notice != "" {
 		details = append(details, safetext.Line(pa.Notice))

@@ -155,10 +155,12 @@ for lang in $langs; do
 	row=0
 	reached=0
 
-	# A program the Security Network knows to be malicious, downloaded.
+	# A program the Security Network knows to be malicious; it is
+	# downloaded only when its turn comes.
 	prog=$HOME/Downloads/invoice-viewer
-	cp /usr/bin/true "$prog" && printf 'screenshot %s' "$RANDOM" >>"$prog" && chmod +x "$prog"
-	sha256sum "$prog" | cut -d' ' -f1 >"$work/malicious.txt"
+	cp /usr/bin/true "$work/invoice-viewer" && printf 'screenshot %s' "$RANDOM" >>"$work/invoice-viewer"
+	chmod +x "$work/invoice-viewer"
+	sha256sum "$work/invoice-viewer" | cut -d' ' -f1 >"$work/malicious.txt"
 	"$bin/cloudprotect-server" import --db "sqlite:$work/server.db" --malicious "$work/malicious.txt" --feed demo >/dev/null
 	"$bin/cloudprotect-server" serve --listen 127.0.0.1:787 --db "sqlite:$work/server.db" >"$work/server.log" 2>&1 &
 	pids+=($!)
@@ -187,7 +189,7 @@ for lang in $langs; do
 	"$bin/cloudprotect" participate --yes >/dev/null
 	wait_state '"state":"participating"'
 	wait_tray
-	for _ in 1 2 3; do
+	for _ in 1 2 3 4 5; do
 		"$bin/cloudprotect" status --json | tr -d ' \n' | grep -q '"limited":false' && break
 		stop_agent
 		start_agent
@@ -212,6 +214,8 @@ for lang in $langs; do
 	# show it until seen.
 	sleep 1
 	dunstctl close-all
+	cp "$work/invoice-viewer" "$prog"
+	sleep 2
 	"$prog" 2>/dev/null || true
 	sleep 3
 	xdotool mousemove 300 700
