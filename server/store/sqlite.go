@@ -102,7 +102,7 @@ var sqliteDialect = &dialect{
 	upsertStats: sqliteUpsertStats,
 	inHashes:    "%s IN (SELECT value FROM json_each(?))",
 	hashTable:   "(SELECT value AS sha256 FROM json_each(?)) AS %s",
-	// Without statistics (ANALYZE is not run: its samples would keep
+	// Without statistics (ANALYZE is not run: its stat4 samples would keep
 	// deleted hashes) SQLite prefers scanning the by-file index.
 	statsByTime: "stats AS %s INDEXED BY stats_created",
 	hashesArg: func(h []string) any {
