@@ -261,6 +261,9 @@ func TestSetVerdict(t *testing.T) {
 		s := newSite(t, b)
 		s.signIn("ana", password)
 		h := strings.Repeat("ab", 32)
+		if p := s.get("/console/"); p.status != 200 || strings.Contains(p.body, h[:16]) {
+			t.Fatalf("overview before the decision: %d", p.status)
+		}
 		tok := s.csrf()
 		path := "/console/files/" + h + "/verdict"
 		steps := []struct {
@@ -287,6 +290,10 @@ func TestSetVerdict(t *testing.T) {
 		p := s.get("/console/files/" + strings.ToUpper(h))
 		if p.status != 200 || !strings.Contains(p.body, `id="verdict">malicious`) || !strings.Contains(p.body, "&lt;b&gt;note&lt;/b&gt;") {
 			t.Fatalf("file page after the decision: %d\n%s", p.status, p.body)
+		}
+		// The overview, computed before, shows the decision at once.
+		if p := s.get("/console/"); p.status != 200 || !strings.Contains(p.body, h[:16]) {
+			t.Fatalf("overview after the decision does not list it: %d", p.status)
 		}
 		infos, err := s.store.Lookup(context.Background(), []string{h}, store.Trust{Now: now})
 		if err != nil || infos[0].Decision == nil || infos[0].Decision.Analyst != "ana" || infos[0].Decision.Verdict != wire.VerdictMalicious {
