@@ -33,6 +33,9 @@ import (
 // Version is the agent's version (package version, set at build time).
 var Version = version.Version
 
+// queueFile is the queue's file in the state folder.
+const queueFile = "queue.db"
+
 // Modes the agent runs in.
 const (
 	ModeSystem = "system"
@@ -120,14 +123,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Mode != ModeSystem && cfg.Mode != ModeUser {
 		return nil, fmt.Errorf("unknown mode %q", cfg.Mode)
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("create state folder: %w", err)
+	if err := prepareStateDir(cfg.StateDir, cfg.Logger); err != nil {
+		return nil, err
 	}
 	// The socket first: a second agent must not touch the first one's state.
 	ln, err := localapi.Listen(cfg.Socket, cfg.Mode == ModeSystem)
 	if err != nil {
 		return nil, err
 	}
+	removeStaleTemps(cfg.StateDir, cfg.Logger)
 	cm, err := consent.Open(consent.Options{
 		StatePath:        filepath.Join(cfg.StateDir, "consent.json"),
 		PolicyPath:       cfg.PolicyPath,
@@ -143,7 +147,7 @@ func New(cfg Config) (*Agent, error) {
 		ln.Close()
 		return nil, err
 	}
-	q, err := queue.Open(filepath.Join(cfg.StateDir, "queue.db"), queue.Options{Logger: cfg.Logger})
+	q, err := queue.Open(filepath.Join(cfg.StateDir, queueFile), queue.Options{Logger: cfg.Logger})
 	if err != nil {
 		ln.Close()
 		return nil, err
@@ -295,6 +299,15 @@ func (a *Agent) afterBatch() {
 func (a *Agent) onForget() {
 	if err := a.alerts.Clear(); err != nil {
 		a.log.Error("clear the alert history", "err", err)
+	}
+	// A damaged queue set aside (perhaps by a kill during the purge when
+	// the person left) is wiped too: the purge wipes such files.
+	if aside := a.setAside(); len(aside) > 0 {
+		if err := a.queue.Purge(); err != nil {
+			a.log.Error("wipe files set aside", "err", err)
+		} else {
+			a.log.Info("files set aside as damaged were wiped", "files", len(aside))
+		}
 	}
 	if a.upload.Status().Registered {
 		if err := a.upload.Leave(); err != nil {

@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"time"
@@ -200,8 +201,9 @@ func (h *History) Summary(uid uint32, all bool) (n int, lastBlock *api.Alert) {
 }
 
 // Clear forgets every alert (the person stopped participating: which
-// programs ran is theirs to take back): the file's old content is
-// overwritten with zeros before it is replaced. IDs keep growing.
+// programs ran is theirs to take back): the file's old content, and any
+// history set aside as damaged, is overwritten with zeros before it is
+// replaced or removed. IDs keep growing.
 func (h *History) Clear() error {
 	h.saveMu.Lock()
 	defer h.saveMu.Unlock()
@@ -211,6 +213,16 @@ func (h *History) Clear() error {
 	h.mu.Unlock()
 	if err := zero(h.path); err != nil {
 		h.log.Warn("cannot overwrite the alert history", "err", err)
+	}
+	// Histories set aside as damaged go the same way.
+	aside, _ := filepath.Glob(h.path + ".corrupt-*")
+	for _, p := range aside {
+		if err := zero(p); err != nil {
+			h.log.Warn("cannot overwrite a damaged alert history", "path", p, "err", err)
+		}
+		if err := os.Remove(p); err != nil {
+			h.log.Warn("cannot remove a damaged alert history", "path", p, "err", err)
+		}
 	}
 	return h.saveLocked()
 }

@@ -3,6 +3,8 @@ package localapi
 import (
 	"bufio"
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -29,6 +31,11 @@ const childEnv = "CLOUDPROTECT_LOCALAPI_CHILD"
 //	put-fd3        on the connection inherited as descriptor 3: wait for
 //	               a line on stdin, then PUT /v1/participation: "code=N"
 //	wait           wait until stdin closes
+//	status         ask for the status with the client: "ok",
+//	               "not-an-agent" or the error
+//	fake-agent     listen on the socket as if it were the agent, print
+//	               "ready", answer every request with a status, until
+//	               stdin closes
 func child(op string) int {
 	sock := os.Getenv("CLOUDPROTECT_SOCKET")
 	fail := func(err error) int {
@@ -105,6 +112,32 @@ func child(op string) int {
 		fmt.Printf("code=%d\n", code)
 	case op == "wait":
 		io.Copy(io.Discard, os.Stdin)
+	case op == "status":
+		c := NewClient(sock)
+		defer c.Close()
+		_, err := c.Status(context.Background())
+		switch {
+		case errors.Is(err, ErrNotAnAgent):
+			fmt.Println("not-an-agent")
+		case err != nil:
+			fmt.Println("error:", err)
+		default:
+			fmt.Println("ok")
+		}
+	case op == "fake-agent":
+		ln, err := net.Listen("unix", sock)
+		if err != nil {
+			return fail(err)
+		}
+		os.Chmod(sock, 0o666) // every user may connect, as to the system agent
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"participation":{"state":"participating"},"can_change":true}`)
+		})}
+		go srv.Serve(ln)
+		fmt.Println("ready")
+		io.Copy(io.Discard, os.Stdin)
+		srv.Close()
 	default:
 		return fail(fmt.Errorf("unknown operation %q", op))
 	}

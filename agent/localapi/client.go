@@ -22,10 +22,15 @@ import (
 const SystemSocket = "/run/cloudprotect/cloudprotectd.sock"
 
 // UserSocket returns where a user-mode agent listens:
-// $XDG_RUNTIME_DIR/cloudprotect/cloudprotectd.sock, or a per-uid folder
-// under the temporary directory when XDG_RUNTIME_DIR is unset.
+// $XDG_RUNTIME_DIR/cloudprotect/cloudprotectd.sock; without
+// XDG_RUNTIME_DIR, the user's runtime folder /run/user/UID when it is
+// theirs, else a folder of theirs under the temporary directory, whose
+// owner and mode the agent checks before it listens there (see Listen).
 func UserSocket() string {
 	dir := os.Getenv("XDG_RUNTIME_DIR")
+	if dir == "" {
+		dir = userRuntimeDir()
+	}
 	if dir == "" {
 		dir = filepath.Join(os.TempDir(), fmt.Sprintf("cloudprotect-%d", os.Getuid()))
 	}
@@ -42,6 +47,24 @@ func DefaultSocket() string {
 		return SystemSocket
 	}
 	return UserSocket()
+}
+
+// ErrNotAnAgent means the process at the other end of the socket is not
+// one a client trusts: an agent runs as root (system) or as the user
+// (user mode); anything else may be another user posing as the agent.
+var ErrNotAnAgent = errors.New("the process on the socket is not an agent of root's or yours")
+
+// trustedAgent checks who listens at the other end of c. Root, who may
+// look into any process anyway, talks to any user's agent it names.
+func trustedAgent(c net.Conn) error {
+	cred, ok := peerCred(c)
+	if !ok || os.Geteuid() == 0 {
+		return nil // no SO_PEERCRED on this system, or root: nothing to check
+	}
+	if cred.UID != 0 && int(cred.UID) != os.Getuid() {
+		return fmt.Errorf("%w: it runs as uid %d", ErrNotAnAgent, cred.UID)
+	}
+	return nil
 }
 
 // ErrUnreachable is wrapped by every error that means no agent answered on
@@ -68,7 +91,15 @@ func NewClient(socket string) *Client {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
+			c, err := d.DialContext(ctx, "unix", socket)
+			if err != nil {
+				return nil, err
+			}
+			if err := trustedAgent(c); err != nil {
+				c.Close()
+				return nil, fmt.Errorf("%s: %w", socket, err)
+			}
+			return c, nil
 		},
 		MaxIdleConns:    2,
 		IdleConnTimeout: 30 * time.Second,
@@ -165,6 +196,9 @@ func (c *Client) Events(ctx context.Context, fn func(api.Event) error) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if errors.Is(err, ErrNotAnAgent) {
+			return fmt.Errorf("talk to the agent at %s: %w", c.socket, ErrNotAnAgent)
+		}
 		return fmt.Errorf("%w: %v", ErrUnreachable, err)
 	}
 	defer resp.Body.Close()
@@ -211,6 +245,9 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if errors.Is(err, ErrNotAnAgent) {
+			return fmt.Errorf("talk to the agent at %s: %w", c.socket, ErrNotAnAgent)
 		}
 		return fmt.Errorf("%w at %s: %v", ErrUnreachable, c.socket, err)
 	}

@@ -95,6 +95,9 @@ var ErrAlreadyRunning = errors.New("another agent is already serving this socket
 // Listen opens the socket at path, refusing when another agent answers on
 // it and replacing a stale socket file left by one that died. world says
 // whether every local user may connect (system mode) or only the owner.
+// The socket's folder must be the agent's own, and no one else may be
+// able to replace it (see checkSocketDir): a folder another user made
+// first in a place everyone can write to (/tmp) is refused.
 func Listen(path string, world bool) (net.Listener, error) {
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -105,6 +108,9 @@ func Listen(path string, world bool) (net.Listener, error) {
 		dirMode = 0o755
 	}
 	if err := os.MkdirAll(filepath.Dir(path), dirMode); err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := checkSocketDir(filepath.Dir(path), dirMode); err != nil {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
 	if fi, err := os.Lstat(path); err == nil {

@@ -229,3 +229,88 @@ func TestConnectionsReservedForAccounts(t *testing.T) {
 	}
 	t.Logf("the attacker holds %d connections (%d from uids without account); %d refused", answered, noAccount, s.lim.Refused())
 }
+
+// A user-mode agent's socket folder under /tmp is a name anyone can take
+// first. When another user made it (or a folder above it), the agent
+// refuses to listen there: they could replace its socket and answer its
+// clients in its place.
+func TestSocketFolderOfAnotherUserRefused(t *testing.T) {
+	testenv.NeedRoot(t)
+	attacker := testenv.AddUser(t, "cpx", "")
+	taken, err := os.MkdirTemp("", "cloudprotect-taken-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(taken)
+	os.Chmod(taken, 0o777)
+	if err := os.Chown(taken, int(attacker.UID), int(attacker.GID)); err != nil {
+		t.Fatal(err)
+	}
+	for _, sock := range []string{
+		filepath.Join(taken, "cloudprotectd.sock"),
+		filepath.Join(taken, "cloudprotect", "cloudprotectd.sock"),
+	} {
+		ln, err := Listen(sock, false)
+		if err == nil {
+			ln.Close()
+			t.Errorf("Listen(%s) in a folder of uid %d succeeded; want it refused", sock, attacker.UID)
+		} else if !strings.Contains(err.Error(), fmt.Sprint(attacker.UID)) {
+			t.Errorf("Listen(%s) = %v; want the error to name the folder's owner", sock, err)
+		}
+	}
+	// The agent's own folder of wider mode is repaired.
+	mine, err := os.MkdirTemp("", "cloudprotect-mine-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(mine)
+	os.Chmod(mine, 0o777)
+	ln, err := Listen(filepath.Join(mine, "cloudprotectd.sock"), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.Close()
+	if fi, err := os.Stat(mine); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("the socket's folder after Listen: %v %v; want mode 0700", fi.Mode(), err)
+	}
+}
+
+// A client talks only to an agent of root's or its own user's: another
+// user listening where the agent should be is refused, however it
+// answers (root may talk to any user's agent).
+func TestClientRefusesAnotherUsersAgent(t *testing.T) {
+	testenv.NeedRoot(t)
+	attacker := testenv.AddUser(t, "cpx", "")
+	dir, err := os.MkdirTemp("", "cloudprotect-fake-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	os.Chmod(dir, 0o777)
+	sock := filepath.Join(dir, "cloudprotectd.sock")
+	cmd := testenv.As(t, attacker.UID, attacker.GID, nil, childEnv+"=fake-agent", "CLOUDPROTECT_SOCKET="+sock)
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { in.Close(); cmd.Wait() }()
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("fake agent: %q %v", line, err)
+	}
+	victim := testenv.AddUser(t, "cpv", "")
+	env := []string{childEnv + "=status", "CLOUDPROTECT_SOCKET=" + sock}
+	if got := childOut(t, testenv.As(t, victim.UID, victim.GID, nil, env...)); got != "not-an-agent" {
+		t.Errorf("another user's client asking the fake agent: %q; want not-an-agent", got)
+	}
+	// The attacker's own client may talk to it: it is theirs.
+	if got := childOut(t, testenv.As(t, attacker.UID, attacker.GID, nil, env...)); got != "ok" {
+		t.Errorf("the fake agent's own user asking it: %q; want ok", got)
+	}
+}

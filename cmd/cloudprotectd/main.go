@@ -67,7 +67,8 @@ func main() {
 		fail(err, "stop the other agent first (systemctl stop cloudprotectd), or give this one another --socket")
 	}
 	if err != nil {
-		fail(err, "check that the state folder and the socket's folder are writable")
+		fail(err, "the state folder and the socket's folder must be this user's own, and writable; "+
+			"a folder that belongs to someone else is refused: remove it, or choose another with --state-dir, --socket or XDG_RUNTIME_DIR")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
