@@ -200,7 +200,10 @@ func TestEnrollSecret(t *testing.T) {
 	}
 }
 
-var inFlightStats = regexp.MustCompile(`cloudprotect_http_requests_in_flight\{route="POST /v1/statistics"\} (\d+)`)
+var (
+	inFlightStats = regexp.MustCompile(`cloudprotect_http_requests_in_flight\{route="POST /v1/statistics"\} (\d+)`)
+	arriving      = regexp.MustCompile(`cloudprotect_batches_arriving (\d+)`)
+)
 
 // slowUpload starts a batch upload that sends its headers and a few bytes
 // of its body, then stalls. The connection closes when the test ends.
@@ -225,11 +228,14 @@ func TestSlowUploadsDoNotStarveABatch(t *testing.T) {
 	for i := range 8 {
 		slowUpload(t, e.url, e.register().Token, fmt.Sprint("slow", i))
 	}
-	// Wait until all eight are inside the handler (no time limit: the
-	// gauge must get there).
+	// Wait until all eight are inside the handler, and are receiving
+	// their bodies where the server says so (no time limit: the gauges
+	// must get there).
 	for {
-		m := inFlightStats.FindStringSubmatch(string(e.do("GET", "/metrics", "", nil, nil).body))
-		if m != nil && m[1] == "8" {
+		text := string(e.do("GET", "/metrics", "", nil, nil).body)
+		m := inFlightStats.FindStringSubmatch(text)
+		a := arriving.FindStringSubmatch(text)
+		if m != nil && m[1] == "8" && (a == nil || a[1] == "8") {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
@@ -243,7 +249,7 @@ func TestSlowUploadsDoNotStarveABatch(t *testing.T) {
 	slowUpload(t, e.url, reg.Token, "s1")
 	slowUpload(t, e.url, reg.Token, "s2")
 	for {
-		m := inFlightStats.FindStringSubmatch(string(e.do("GET", "/metrics", "", nil, nil).body))
+		m := arriving.FindStringSubmatch(string(e.do("GET", "/metrics", "", nil, nil).body))
 		if m != nil && m[1] == "10" {
 			break
 		}

@@ -38,6 +38,7 @@ type Metrics struct {
 	changes   map[string]uint64     // verdict changes, by source
 	signIns   map[string]uint64     // console sign-ins, by result
 
+	arriving        atomic.Int64 // batch bodies being received
 	registrations   atomic.Uint64
 	batchesAccepted atomic.Uint64
 	batchesDup      atomic.Uint64
@@ -130,6 +131,7 @@ func (m *Metrics) Write(w io.Writer) error {
 		fmt.Fprintf(bw, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
 	}
 	counter("cloudprotect_registrations_total", "Installations registered.", m.registrations.Load())
+	fmt.Fprintf(bw, "# HELP cloudprotect_batches_arriving Statistics batches whose bodies are being received.\n# TYPE cloudprotect_batches_arriving gauge\ncloudprotect_batches_arriving %d\n", m.arriving.Load())
 	fmt.Fprintf(bw, "# HELP cloudprotect_batches_total Statistics batches by result.\n# TYPE cloudprotect_batches_total counter\n")
 	fmt.Fprintf(bw, "cloudprotect_batches_total{result=\"accepted\"} %d\n", m.batchesAccepted.Load())
 	fmt.Fprintf(bw, "cloudprotect_batches_total{result=\"duplicate\"} %d\n", m.batchesDup.Load())

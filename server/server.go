@@ -396,7 +396,8 @@ func (s *Server) receiving(installation string) (release func(), err error) {
 		giveBack()
 		return nil, errorf(http.StatusServiceUnavailable, "try again after Retry-After seconds", "too many batches arriving at once")
 	}
-	return func() { <-s.bodies; giveBack() }, nil
+	s.metrics.arriving.Add(1)
+	return func() { s.metrics.arriving.Add(-1); <-s.bodies; giveBack() }, nil
 }
 
 func (s *Server) handleStatistics(w http.ResponseWriter, r *http.Request, installation string) {
