@@ -417,7 +417,8 @@ func (a *Agent) Status() api.Status {
 		st.Participation.Since = &since
 	}
 	qs := a.queue.Stats()
-	st.Queue = api.QueueInfo{Pending: qs.Pending, Records: qs.Records, Evicted: qs.Evicted, Bytes: qs.Bytes}
+	st.Queue = api.QueueInfo{Pending: qs.Pending, Executions: qs.PendingExecs, Batch: qs.Batch, BatchExecutions: qs.BatchExecs,
+		Records: qs.Records, Evicted: qs.Evicted, Bytes: qs.Bytes}
 	cs := a.collect.status()
 	st.Agent.EventsSeen, st.Agent.EventsLost = cs.stats.seen, cs.stats.lost
 	st.Agent.EventsMissed, st.Agent.EventsUnidentified = cs.stats.missed, cs.stats.unidentified
@@ -483,16 +484,52 @@ func (a *Agent) SetParticipation(req api.ParticipationRequest, uid int) (api.Sta
 	return a.Status(), nil
 }
 
-// QueuePreview implements localapi.Backend.
-func (a *Agent) QueuePreview(ctx context.Context) (api.QueuePreview, error) {
-	recs, err := a.queue.Pending(wire.MaxBatchRecords)
-	if err != nil {
-		return api.QueuePreview{}, err
+// QueuePreview implements localapi.Backend: it streams every record
+// waiting to be sent to emit, the batch waiting for the cloud first, and
+// returns the totals. It reads the queue a page at a time and holds no
+// lock while emit runs. Paths are anonymised again with what the agent
+// knows now, as the upload does.
+func (a *Agent) QueuePreview(ctx context.Context, emit func(api.QueueRecord) error) (api.QueuePreview, error) {
+	p := api.QueuePreview{StatementVersion: a.statementVersion()}
+	t := &p.Totals
+	inBatch := make(map[string]bool)
+	const page = 64
+	recs := make([]wire.Record, 0, page)
+	batch := make([]bool, 0, page)
+	flush := func() error {
+		for i, r := range a.anon.Records(recs) {
+			if err := emit(api.QueueRecord{Record: r, InBatch: batch[i]}); err != nil {
+				return err
+			}
+		}
+		recs, batch = recs[:0], batch[:0]
+		return nil
 	}
-	return api.QueuePreview{
-		Pending: a.queue.Stats().Pending,
-		Batch:   upload.NewBatch("", a.anon.Records(recs), a.statementVersion()),
-	}, nil
+	id, err := a.queue.Preview(func(r wire.Record, b bool) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		t.Records++
+		t.Executions += r.ExecCount
+		if b {
+			t.BatchRecords++
+			t.BatchExecutions += r.ExecCount
+			inBatch[r.SHA256] = true
+		}
+		if b || !inBatch[r.SHA256] {
+			t.Programs++
+		}
+		recs, batch = append(recs, r), append(batch, b)
+		if len(recs) == page {
+			return flush()
+		}
+		return nil
+	})
+	if err == nil {
+		err = flush()
+	}
+	p.BatchID = id
+	return p, err
 }
 
 // Upload implements localapi.Backend: it sends pending statistics now;

@@ -4,14 +4,17 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/server"
@@ -160,5 +163,99 @@ func TestCloudRoundTrip(t *testing.T) {
 	}
 	if nid, _ := installation(t, filepath.Join(a.dir, "state")); nid != "" {
 		t.Errorf("the installation ID was kept after leaving: %s", nid)
+	}
+}
+
+// With the cloud refusing batches, a program run 1,001 times before and
+// 1,001 times after the batch was cut shows in the queue twice: in the
+// batch waiting for the cloud, and after it; the status counts both, and
+// once the cloud takes batches again it receives all 2,002.
+func TestQueueShowsEverythingWaiting(t *testing.T) {
+	testenv.NeedRoot(t)
+	ctx := context.Background()
+	st, err := store.Open(ctx, "sqlite:"+filepath.Join(t.TempDir(), "cloud.db"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	var refuse atomic.Bool
+	refuse.Store(true)
+	srv := server.New(server.Config{Store: st, Rules: verdict.Default()})
+	cloud := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if refuse.Load() && r.URL.Path == "/v1/statistics" {
+			http.Error(w, "busy", http.StatusServiceUnavailable)
+			return
+		}
+		srv.ServeHTTP(w, r)
+	}))
+	defer cloud.Close()
+	a := startAgentWith(t, ModeUser, "", func(c *Config) { c.Server = cloud.URL })
+	participateAndWatch(t, a)
+	prog, sum := tiny(t, t.TempDir(), "twice", false)
+	run := func() {
+		t.Helper()
+		if res, err := spawn.Run(ctx, spawn.Config{Path: prog, Workers: 1, Count: 1001}); err != nil || res.Execs != 1001 {
+			t.Fatalf("run: %+v, %v", res, err)
+		}
+	}
+	run()
+	waitExecs(t, a.queue, sum, 1001, "the first 1,001 runs")
+	if _, err := a.client.Upload(ctx); err == nil {
+		t.Fatal("the cloud took a batch while refusing them")
+	}
+	if s := a.Status().Queue; s.Batch == 0 {
+		t.Fatalf("no batch waiting after a refused upload: %+v", s)
+	}
+	run()
+	waitExecs(t, a.queue, sum, 2002, "all 2,002 runs")
+
+	q, err := a.client.Queue(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var inBatch, after uint64
+	var execs uint64
+	for _, r := range q.Records {
+		execs += r.ExecCount
+		if r.SHA256 != sum {
+			continue
+		}
+		if r.InBatch {
+			inBatch += r.ExecCount
+		} else {
+			after += r.ExecCount
+		}
+	}
+	if inBatch != 1001 || after != 1001 || q.BatchID == "" {
+		t.Errorf("preview: %d in the batch %q, %d after it; want 1,001 and 1,001", inBatch, q.BatchID, after)
+	}
+	status := a.Status().Queue
+	if q.Totals.Executions != execs || status.Executions != execs || status.BatchExecutions != q.Totals.BatchExecutions ||
+		status.Pending != q.Totals.Programs || status.Batch != q.Totals.BatchRecords {
+		t.Errorf("status %+v and totals %+v disagree with the %d executions listed", status, q.Totals, execs)
+	}
+
+	refuse.Store(false)
+	for range 2 { // the batch waiting, then the rest
+		if _, err := a.client.Upload(ctx); err != nil {
+			t.Fatalf("send: %v", err)
+		}
+	}
+	id, _ := installation(t, filepath.Join(a.dir, "state"))
+	stats, err := st.Stats(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cloudRuns int64
+	for _, s := range stats {
+		if s.SHA256 == sum {
+			cloudRuns = s.ExecCount
+		}
+	}
+	if cloudRuns != 2002 {
+		t.Errorf("the cloud counts %d runs, want 2,002", cloudRuns)
+	}
+	if q, err := a.client.Queue(ctx); err != nil || len(q.Records) != 0 {
+		t.Errorf("after sending: %d records waiting (%v)", len(q.Records), err)
 	}
 }

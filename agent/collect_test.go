@@ -45,9 +45,9 @@ func waitRecord(t *testing.T, c *localapi.Client, what string, ok func(wire.Reco
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, r := range q.Batch.Records {
-			if ok(r) {
-				return r
+		for _, r := range q.Records {
+			if ok(r.Record) {
+				return r.Record
 			}
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -115,7 +115,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 	// watch is open.
 	prog, _ := uniqueProgram(t, work, "before")
 	runN(t, prog, 3)
-	if q, _ := a.client.Queue(ctx); q.Pending != 0 || len(q.Batch.Records) != 0 {
+	if q, _ := a.client.Queue(ctx); len(q.Records) != 0 {
 		t.Fatalf("queued while undecided: %+v", q)
 	}
 	if fa, nl := kernelWatchFDs(t); fa != 0 || nl != 0 {
@@ -186,14 +186,14 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(1500 * time.Millisecond) // past the queue's one-second commit
-	if q, _ := a.client.Queue(ctx); len(q.Batch.Records) != 0 {
-		t.Errorf("a record buffered at the moment of leaving was kept: %d records", len(q.Batch.Records))
+	if q, _ := a.client.Queue(ctx); len(q.Records) != 0 {
+		t.Errorf("a record buffered at the moment of leaving was kept: %d records", len(q.Records))
 	}
 
 	dl2, _ := uniqueProgram(t, downloads, "tool2")
 	os.Chmod(dl2, 0o755)
 	time.Sleep(time.Second) // longer than the loaded watcher's quiet time
-	if q, _ := a.client.Queue(ctx); q.Pending != 0 || len(q.Batch.Records) != 0 {
-		t.Errorf("queued after leaving: %d records", len(q.Batch.Records))
+	if q, _ := a.client.Queue(ctx); len(q.Records) != 0 {
+		t.Errorf("queued after leaving: %d records", len(q.Records))
 	}
 }

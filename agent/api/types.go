@@ -97,8 +97,17 @@ type AgentInfo struct {
 
 // QueueInfo describes the local statistics queue.
 type QueueInfo struct {
-	// Pending is the number of records waiting to be sent.
+	// Pending is the number of programs (one record each) with something
+	// waiting to be sent.
 	Pending int `json:"pending"`
+	// Executions is the number of executions waiting to be sent, over
+	// all programs.
+	Executions uint64 `json:"executions"`
+	// Batch and BatchExecutions are the programs and executions of the
+	// batch cut for the cloud and waiting for its answer; they are part
+	// of Pending and Executions. Zero when no batch is waiting.
+	Batch           int    `json:"batch"`
+	BatchExecutions uint64 `json:"batch_executions"`
 	// Records is the number of records kept (pending or sent).
 	Records int `json:"records"`
 	// Evicted counts records dropped because the queue was full.
@@ -149,11 +158,41 @@ type ParticipationRequest struct {
 	Via string `json:"via"`
 }
 
-// QueuePreview is the answer to GET /v1/queue: exactly the batch the next
-// upload would send, built by the code that builds the upload.
+// QueuePreview is the answer to GET /v1/queue: every record waiting to be
+// sent, as the cloud would receive it. First come the records of the
+// batch cut for the cloud and waiting for its answer (InBatch: it is sent
+// again as it is until the cloud confirms it), then every other record
+// with what is waiting beyond that batch, oldest first; a program may
+// appear in both. The agent streams it: Records may be long.
 type QueuePreview struct {
-	Pending int        `json:"pending"`
-	Batch   wire.Batch `json:"batch"`
+	Records []QueueRecord `json:"records,omitempty"`
+	// BatchID is the ID of the batch waiting, "" when none is cut.
+	BatchID string `json:"batch_id,omitempty"`
+	// StatementVersion is the statement version the records are sent
+	// under.
+	StatementVersion int `json:"statement_version"`
+	// Totals sum up Records.
+	Totals QueueTotals `json:"totals"`
+}
+
+// QueueRecord is one record of a QueuePreview.
+type QueueRecord struct {
+	wire.Record
+	// InBatch marks a record of the batch waiting for the cloud's answer.
+	InBatch bool `json:"in_batch,omitempty"`
+}
+
+// QueueTotals sum up a QueuePreview's records.
+type QueueTotals struct {
+	// Programs counts the distinct programs listed (one in the batch and
+	// after it counts once); Executions the executions waiting.
+	Programs   int    `json:"programs"`
+	Executions uint64 `json:"executions"`
+	// Records counts the records listed; BatchRecords and
+	// BatchExecutions those of the batch waiting.
+	Records         int    `json:"records"`
+	BatchRecords    int    `json:"batch_records"`
+	BatchExecutions uint64 `json:"batch_executions"`
 }
 
 // UploadResult is the answer to POST /v1/upload.

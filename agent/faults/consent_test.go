@@ -56,8 +56,8 @@ func TestParticipateLeaveLoop(t *testing.T) {
 	s.stop()
 	st := a.status()
 	q, recs := a.queued()
-	if st.Queue.Records != 0 || q.Pending != 0 || len(recs) != 0 {
-		t.Fatalf("after leaving, the queue holds %d records, %d pending, preview %+v", st.Queue.Records, q.Pending, recs)
+	if st.Queue.Records != 0 || len(q.Records) != 0 || len(recs) != 0 {
+		t.Fatalf("after leaving, the queue holds %d records, %d pending, preview %+v", st.Queue.Records, q.Totals.Programs, recs)
 	}
 	if n := kernelWatches(t, a.pid()); n != 0 {
 		t.Fatalf("after leaving, the agent holds %d fanotify descriptors", n)
@@ -166,7 +166,7 @@ func TestWithdrawDuringUpload(t *testing.T) {
 			if c := srv.counts(t); len(c) != 0 {
 				t.Errorf("the cloud still holds statistics of %d files", len(c))
 			}
-			if q, recs := a.queued(); q.Pending != 0 || len(recs) != 0 || a.status().Queue.Records != 0 {
+			if q, recs := a.queued(); len(q.Records) != 0 || len(recs) != 0 || a.status().Queue.Records != 0 {
 				t.Errorf("the queue holds %d records after withdrawing", len(recs))
 			}
 		})

@@ -391,7 +391,8 @@ func (a *agentProc) waitCollecting() {
 	})
 }
 
-// queued returns the records the next upload would send, by SHA-256.
+// queued returns every record waiting to be sent, by SHA-256: a program
+// in the batch waiting for the cloud and after it is summed up.
 func (a *agentProc) queued() (api.QueuePreview, map[string]wire.Record) {
 	a.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -400,9 +401,13 @@ func (a *agentProc) queued() (api.QueuePreview, map[string]wire.Record) {
 	if err != nil {
 		a.t.Fatalf("queue: %v", err)
 	}
-	m := make(map[string]wire.Record, len(q.Batch.Records))
-	for _, r := range q.Batch.Records {
-		m[r.SHA256] = r
+	m := make(map[string]wire.Record, len(q.Records))
+	for _, r := range q.Records {
+		if prev, ok := m[r.SHA256]; ok {
+			r.ExecCount += prev.ExecCount
+			r.Loaded = r.Loaded || prev.Loaded
+		}
+		m[r.SHA256] = r.Record
 	}
 	return q, m
 }
@@ -675,8 +680,7 @@ func (a *agentProc) waitWatching(work string) {
 
 // seen returns the executions of sha the agent counted: queued, plus sent
 // to the cloud when there is one. With a cloud, it first asks for an
-// upload: while a batch cut before a restart is in flight, the preview
-// shows only that batch, and the record may be behind it.
+// upload, so that what waits is sent.
 func (a *agentProc) seen(sha string) uint64 {
 	a.t.Helper()
 	if a.cloud != nil {

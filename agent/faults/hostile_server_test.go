@@ -280,7 +280,7 @@ func TestHostileServer(t *testing.T) {
 	if st.Upload.NextAttempt == nil || time.Until(*st.Upload.NextAttempt) > 61*time.Minute {
 		t.Errorf("a server asking to wait for ever holds uploads until %v, want at most an hour", st.Upload.NextAttempt)
 	}
-	if q, _ := a.queued(); q.Pending == 0 {
+	if q, _ := a.queued(); len(q.Records) == 0 {
 		t.Errorf("nothing pending after the server refused the batch")
 	}
 	a.waitRecord(sum, "the retry-forever program, still queued", func(r wire.Record) bool { return r.ExecCount == n })

@@ -158,11 +158,11 @@ func (a *agentProc) drain() {
 			a.t.Fatalf("upload: %v", err)
 		}
 		q, _ := a.queued()
-		if err == nil && q.Pending == 0 && len(q.Batch.Records) == 0 {
+		if err == nil && len(q.Records) == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			a.t.Fatalf("still %d records pending after 60s of uploads (last: %v)", q.Pending, err)
+			a.t.Fatalf("still %d records pending after 60s of uploads (last: %v)", q.Totals.Programs, err)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

@@ -28,16 +28,18 @@ func request(s *Server, uid uint32, method, path string) *http.Response {
 }
 
 func bigPreview(n, pathLen int) api.QueuePreview {
-	recs := make([]wire.Record, n)
+	recs := make([]api.QueueRecord, n)
 	for i := range recs {
-		recs[i] = wire.Record{Facts: wire.Facts{
+		recs[i].InBatch = i < n/2
+		recs[i].Record = wire.Record{Facts: wire.Facts{
 			SHA256: fmt.Sprintf("%064x", i),
 			Path:   "/opt/" + strings.Repeat("p", pathLen),
 			Kind:   wire.KindELF,
 			ELF:    &wire.ELF{Machine: "x86_64", Type: "dyn"},
 		}, ExecCount: uint64(i), FirstSeen: time.Unix(1700000000, 0).UTC(), LastSeen: time.Unix(1700000000, 0).UTC()}
 	}
-	return api.QueuePreview{Pending: n, Batch: wire.Batch{BatchID: "b1", StatementVersion: 1, Records: recs}}
+	return api.QueuePreview{Records: recs, BatchID: "b1", StatementVersion: 1,
+		Totals: api.QueueTotals{Programs: n, Records: n, BatchRecords: n / 2}}
 }
 
 // The queue's contents say which programs everyone ran: only a
@@ -69,8 +71,8 @@ func TestQueueOnlyForPrivileged(t *testing.T) {
 				return
 			}
 			var q api.QueuePreview
-			if err := json.NewDecoder(res.Body).Decode(&q); err != nil || len(q.Batch.Records) != 3 {
-				t.Errorf("preview: %d records, %v", len(q.Batch.Records), err)
+			if err := json.NewDecoder(res.Body).Decode(&q); err != nil || len(q.Records) != 3 {
+				t.Errorf("preview: %d records, %v", len(q.Records), err)
 			}
 			if st := request(s, tc.uid, http.MethodGet, "/v1/status"); st.StatusCode != http.StatusOK {
 				t.Errorf("status: %d", st.StatusCode)
@@ -195,8 +197,8 @@ func TestSlowReaderOfLargeAnswerDropped(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	q, err := cl.Queue(ctx)
-	if err != nil || len(q.Batch.Records) != 2000 {
-		t.Fatalf("next client: %d records, %v", len(q.Batch.Records), err)
+	if err != nil || len(q.Records) != 2000 {
+		t.Fatalf("next client: %d records, %v", len(q.Records), err)
 	}
 }
 

@@ -28,8 +28,10 @@ type Backend interface {
 	Status() api.Status
 	// SetParticipation applies a decision made by uid.
 	SetParticipation(req api.ParticipationRequest, uid int) (api.Status, error)
-	// QueuePreview returns exactly what the next upload would send.
-	QueuePreview(ctx context.Context) (api.QueuePreview, error)
+	// QueuePreview streams every record waiting to be sent to emit (the
+	// batch waiting for the cloud first) and returns the rest of the
+	// preview: its batch ID, statement version and totals.
+	QueuePreview(ctx context.Context, emit func(api.QueueRecord) error) (api.QueuePreview, error)
 	// Upload sends pending statistics now. With force (a privileged
 	// caller) it ignores the backoff after failures; without, a retry
 	// that is not due yet is an error.
@@ -340,12 +342,11 @@ func (s *Server) queue(w http.ResponseWriter, r *http.Request) {
 	case <-r.Context().Done():
 		return
 	}
-	q, err := s.backend.QueuePreview(r.Context())
-	if err != nil {
+	started, err := streamQueue(r.Context(), w, s.writeTimeout, s.backend)
+	switch {
+	case err != nil && !started:
 		writeBackendError(w, err)
-		return
-	}
-	if err := streamJSON(w, s.writeTimeout, q); err != nil {
+	case err != nil:
 		s.log.Debug("queue answer not delivered", "err", err)
 	}
 }

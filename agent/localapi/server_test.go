@@ -35,10 +35,11 @@ func TestMain(m *testing.M) {
 
 // fakeBackend answers with fixed values and records participation calls.
 type fakeBackend struct {
-	hub     *Hub
-	preview api.QueuePreview
-	alerts  []api.Alert // newest first
-	users   [][]uint32  // who may see each of alerts
+	hub        *Hub
+	preview    api.QueuePreview
+	previewErr error
+	alerts     []api.Alert // newest first
+	users      [][]uint32  // who may see each of alerts
 
 	mu     sync.Mutex // protects calls and forced
 	calls  []api.ParticipationRequest
@@ -61,8 +62,18 @@ func (b *fakeBackend) SetParticipation(req api.ParticipationRequest, uid int) (a
 	return b.Status(), nil
 }
 
-func (b *fakeBackend) QueuePreview(context.Context) (api.QueuePreview, error) {
-	return b.preview, nil
+func (b *fakeBackend) QueuePreview(ctx context.Context, emit func(api.QueueRecord) error) (api.QueuePreview, error) {
+	if b.previewErr != nil {
+		return api.QueuePreview{}, b.previewErr
+	}
+	for _, r := range b.preview.Records {
+		if err := emit(r); err != nil {
+			return api.QueuePreview{}, err
+		}
+	}
+	p := b.preview
+	p.Records = nil
+	return p, nil
 }
 
 func (b *fakeBackend) Upload(_ context.Context, force bool) (api.UploadResult, error) {

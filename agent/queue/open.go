@@ -13,6 +13,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
+
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // errDamaged marks a file Open moves aside.
@@ -110,7 +112,7 @@ func (q *Queue) check(db *bolt.DB) error {
 			return fmt.Errorf("%w: meta bucket missing", errDamaged)
 		}
 		if m := tx.Bucket(bucketMeta); m != nil {
-			if v := string(m.Get(keyVersion)); v != schemaVersion {
+			if v := string(m.Get(keyVersion)); v != schemaVersion && v != schemaVersionV1 {
 				return fmt.Errorf("%w: schema version %q, this agent reads %q", errDamaged, v, schemaVersion)
 			}
 		}
@@ -127,9 +129,13 @@ func (q *Queue) check(db *bolt.DB) error {
 			if m, err = tx.CreateBucket(bucketMeta); err != nil {
 				return fmt.Errorf("create meta bucket: %w", err)
 			}
-			if err := m.Put(keyVersion, []byte(schemaVersion)); err != nil {
-				return fmt.Errorf("store schema version: %w", err)
-			}
+		}
+		convert := string(m.Get(keyVersion)) == schemaVersionV1
+		if convert {
+			q.log.Info("converting the queue file to schema version " + schemaVersion)
+		}
+		if err := m.Put(keyVersion, []byte(schemaVersion)); err != nil {
+			return fmt.Errorf("store schema version: %w", err)
 		}
 		q.salt = append([]byte(nil), m.Get(keySalt)...)
 		if len(q.salt) != 16 {
@@ -140,12 +146,14 @@ func (q *Queue) check(db *bolt.DB) error {
 		}
 		q.evicted.Store(getCounter(m, keyEvicted))
 		q.dropped.Store(getCounter(m, keyDropped))
-		for _, name := range [][]byte{bucketRecords, bucketInflight} {
+		for _, name := range [][]byte{bucketRecords, bucketOrder, bucketInflight, bucketInflightRecords} {
 			if tx.Bucket(name) == nil {
 				if _, err := tx.CreateBucket(name); err != nil {
 					return fmt.Errorf("create %s bucket: %w", name, err)
 				}
-				if !fresh {
+				// The order bucket and the batch's records are new in
+				// version 2; anything else missing is damage.
+				if !fresh && !convert {
 					q.log.Warn("queue bucket was missing and is recreated empty", "bucket", string(name))
 				}
 			}
@@ -175,44 +183,121 @@ func (q *Queue) check(db *bolt.DB) error {
 		if len(bad) > 0 {
 			q.log.Warn("queue records were damaged and are deleted", "count", len(bad))
 		}
-		if err := q.loadIndex(tx); err != nil {
+		n, err := q.count(tx)
+		if err != nil {
 			return err
 		}
-		// The batch in flight.
-		in := tx.Bucket(bucketInflight)
-		q.inflight = nil
-		if v := in.Get(keyBatch); v != nil {
-			var b Batch
-			if err := json.Unmarshal(v, &b); err != nil || b.ID == "" {
-				q.log.Warn("queue batch in flight was damaged and is discarded; its records stay pending", "err", err)
-				return in.Delete(keyBatch)
+		if o := tx.Bucket(bucketOrder).Stats().KeyN; o != n || len(bad) > 0 {
+			if !convert && !fresh {
+				q.log.Warn("queue order was damaged and is rebuilt", "records", n, "order_keys", o)
 			}
-			q.setInflight(&b)
+			if err := rebuildOrder(tx); err != nil {
+				return err
+			}
 		}
-		return nil
+		return q.loadInflight(tx)
 	})
 }
 
-// loadIndex rebuilds the in-memory index and counters from the file.
-func (q *Queue) loadIndex(tx *bolt.Tx) error {
-	q.index = make(map[[32]byte]indexEntry)
-	q.nRecords.Store(0)
-	q.nPending.Store(0)
-	q.nBytes.Store(0)
+// count sets the counters from the records.
+func (q *Queue) count(tx *bolt.Tx) (int, error) {
+	var ch counterChange
+	n := 0
 	err := tx.Bucket(bucketRecords).ForEach(func(k, v []byte) error {
-		h, err := decodeHeader(v)
-		if err != nil || len(k) != 32 {
-			return nil // left for Open's repair
-		}
-		q.setIndex([32]byte(k), indexEntry{}, false, indexEntry{last: h.last, bytes: int32(len(k) + len(v)), pending: h.pending()})
+		ch.account(k, nil, v)
+		n++
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("load queue index: %w", err)
+		return 0, fmt.Errorf("count queue records: %w", err)
 	}
-	if q.inflight != nil {
-		q.setInflight(q.inflight)
+	q.nRecords.Store(ch.records)
+	q.nPending.Store(ch.pending)
+	q.nBytes.Store(ch.bytes)
+	q.nPendingExecs.Store(ch.pendingExecs)
+	return n, nil
+}
+
+// rebuildOrder writes the "order" bucket again from the records.
+func rebuildOrder(tx *bolt.Tx) error {
+	if err := tx.DeleteBucket(bucketOrder); err != nil {
+		return fmt.Errorf("rebuild queue order: %w", err)
 	}
+	order, err := tx.CreateBucket(bucketOrder)
+	if err != nil {
+		return fmt.Errorf("rebuild queue order: %w", err)
+	}
+	return tx.Bucket(bucketRecords).ForEach(func(k, v []byte) error {
+		ok, good := orderKeyOf(k, v)
+		if !good {
+			return nil
+		}
+		return order.Put(ok, nil)
+	})
+}
+
+// loadInflight reads the batch in flight, converting a version 1 batch
+// (one JSON value with its records); a batch that does not decode is
+// discarded and its records stay pending.
+func (q *Queue) loadInflight(tx *bolt.Tx) error {
+	q.setInflight(nil)
+	ib, irecs := tx.Bucket(bucketInflight), tx.Bucket(bucketInflightRecords)
+	v := ib.Get(keyBatch)
+	if v == nil {
+		if irecs.Stats().KeyN > 0 {
+			return clearInflightTx(tx)
+		}
+		return nil
+	}
+	discard := func(err error) error {
+		q.log.Warn("queue batch in flight was damaged and is discarded; its records stay pending", "err", err)
+		return clearInflightTx(tx)
+	}
+	var raw struct {
+		ID      string          `json:"id"`
+		Records json.RawMessage `json:"records"`
+	}
+	if err := json.Unmarshal(v, &raw); err != nil || raw.ID == "" {
+		return discard(err)
+	}
+	if len(raw.Records) > 0 && raw.Records[0] == '[' {
+		// Version 1: the records inside.
+		var recs []wire.Record
+		if err := json.Unmarshal(raw.Records, &recs); err != nil {
+			return discard(err)
+		}
+		for i, r := range recs {
+			data, err := json.Marshal(r)
+			if err != nil {
+				return discard(err)
+			}
+			if err := irecs.Put(binary.BigEndian.AppendUint32(nil, uint32(i)), data); err != nil {
+				return err
+			}
+		}
+		meta, _ := json.Marshal(inflightMeta{ID: raw.ID, Records: len(recs)})
+		if err := ib.Put(keyBatch, meta); err != nil {
+			return err
+		}
+	}
+	in := &inflightBatch{id: raw.ID, deltas: make(map[[32]byte]inflightDelta)}
+	err := irecs.ForEach(func(_, v []byte) error {
+		var r wire.Record
+		if err := json.Unmarshal(v, &r); err != nil {
+			return err
+		}
+		k, err := parseHash(r.SHA256)
+		if err != nil {
+			return err
+		}
+		in.deltas[k] = inflightDelta{exec: r.ExecCount, loaded: r.Loaded}
+		in.n++
+		return nil
+	})
+	if err != nil || in.n == 0 {
+		return discard(err)
+	}
+	q.setInflight(in)
 	return nil
 }
 
@@ -243,6 +328,7 @@ func (q *Queue) Purge() error {
 	q.mu.Lock()
 	closed := q.closed
 	clear(q.buf)
+	q.bufBytes = 0
 	q.mu.Unlock()
 	if closed {
 		return ErrClosed
@@ -255,7 +341,7 @@ func (q *Queue) Purge() error {
 		}
 	}
 	q.db = nil
-	q.inflight = nil
+	q.setInflight(nil)
 	var errs []error
 	aside, _ := filepath.Glob(q.path + ".corrupt-*")
 	for _, p := range append([]string{q.path}, aside...) {

@@ -7,10 +7,10 @@ package queue
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -22,6 +22,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -33,6 +34,7 @@ const (
 	DefaultMaxBytes       = 50 << 20
 	DefaultCommitInterval = time.Second
 	DefaultCommitEvents   = 10_000
+	DefaultCommitBytes    = 1 << 20
 )
 
 // Errors of the queue.
@@ -56,6 +58,10 @@ type Options struct {
 	// Serve commits early (default 10,000). At four times this, Add
 	// commits itself, so the buffer stays bounded even without Serve.
 	CommitEvents int
+	// CommitBytes bounds the memory of the buffer the same way (default
+	// 1 MiB), whatever the length of the paths: Serve commits early at
+	// it, Add commits itself at four times it.
+	CommitBytes int
 	// Clock gives the time of events without one and names moved-aside
 	// files; nil means time.Now.
 	Clock func() time.Time
@@ -80,6 +86,12 @@ type Stats struct {
 	Evicted uint64 `json:"evicted"` // records evicted to stay within bounds
 	Dropped uint64 `json:"dropped"` // records of batches the server refused
 	Bytes   int64  `json:"bytes"`   // stored size of the records
+	// PendingExecs counts the executions not sent yet (committed).
+	PendingExecs uint64 `json:"pending_execs"`
+	// Batch and BatchExecs are the records and executions of the batch
+	// cut for the cloud and waiting for its answer (0 when none).
+	Batch      int    `json:"batch"`
+	BatchExecs uint64 `json:"batch_execs"`
 }
 
 // Batch is a set of pending records cut for upload. ID is stable: the
@@ -96,16 +108,28 @@ type Batch struct {
 // # On disk
 //
 // One bbolt file (bbolt: copy-on-write B+tree pages, two checksummed meta
-// pages, each commit fsynced) with three buckets:
+// pages, each commit fsynced) with five buckets:
 //
-//   - "meta": "version" → schema version ("1"); "salt" → 16 random bytes
+//   - "meta": "version" → schema version ("2"); "salt" → 16 random bytes
 //     mixed into batch IDs; "evicted", "dropped" → 8-byte counters.
 //   - "records": raw 32-byte SHA-256 → value (format byte, first/last
 //     seen, exec and sent counts, flags, then the facts as JSON; see
 //     encodeRecord). Invariant: key = SHA-256 of the value's facts;
 //     SentCount ≤ ExecCount.
-//   - "inflight": "batch" → the Batch cut by TakeBatch and not yet
-//     acknowledged, as JSON, with the exact deltas it carries.
+//   - "order": one empty value per record, keyed by class ('p' pending,
+//     's' sent), LastSeen (8 bytes, big endian) and the SHA-256, so that
+//     batches (oldest pending first) and evictions (sent ones first,
+//     oldest first) walk the file in order instead of sorting in memory.
+//     Invariant: exactly one key per record, matching its value.
+//   - "inflight": "batch" → the batch cut by TakeBatch and not yet
+//     acknowledged: its ID and record count, as JSON.
+//   - "inflight-records": position (4 bytes, big endian) → one record of
+//     that batch, as JSON, with the exact deltas it carries.
+//
+// What the queue keeps in memory does not grow with the file: counters,
+// the events buffered for the next commit (bounded by CommitEvents and
+// CommitBytes) and, for the batch in flight, each record's hash and
+// deltas (bounded by the batch size).
 //
 // # What a torn write can break, and how Open repairs it
 //
@@ -119,27 +143,30 @@ type Batch struct {
 // Damage beyond that (a disk that ignores fsync, a truncated or
 // overwritten file) is checked by Open: bbolt's own consistency check,
 // the schema version and a decode of every record. A file that bbolt
-// cannot open or check, a missing "meta" bucket or another schema version
-// is renamed to "<path>.corrupt-<UTC time>" with a warning, and an empty
-// queue is created (the statistics are lost, never the agent). Lesser
-// damage is repaired in place: a missing "records" or "inflight" bucket is
-// recreated, a record that does not decode is deleted, an inflight batch
-// that does not decode is discarded (its records stay pending).
+// cannot open or check, a missing "meta" bucket or an unknown schema
+// version is renamed to "<path>.corrupt-<UTC time>" with a warning, and an
+// empty queue is created (the statistics are lost, never the agent).
+// Lesser damage is repaired in place: a missing "records" or "inflight"
+// bucket is recreated, a record that does not decode is deleted, an
+// inflight batch that does not decode is discarded (its records stay
+// pending), and an "order" bucket that does not match the records is
+// rebuilt from them. A version 1 file (no "order" bucket, the batch in
+// flight as one JSON value) is converted.
 type Queue struct {
 	path string
 	opts Options
 	log  *slog.Logger
 
-	mu     sync.Mutex // protects buf and closed
-	buf    map[[32]byte]delta
-	closed bool
+	mu       sync.Mutex // protects buf, bufBytes and closed
+	buf      map[[32]byte]delta
+	bufBytes int
+	closed   bool
 
 	// flushMu serialises everything that touches the file: commits,
-	// batches, purge and close. It protects db, index, inflight and salt.
+	// batches, purge and close. It protects db, inflight and salt.
 	flushMu  sync.Mutex
 	db       *bolt.DB
-	index    map[[32]byte]indexEntry
-	inflight *Batch
+	inflight *inflightBatch
 	salt     []byte
 
 	// commitErr is the error of the last commit, nil once one succeeds.
@@ -152,6 +179,24 @@ type Queue struct {
 	nPending, nRecords atomic.Int64
 	nBytes             atomic.Int64
 	evicted, dropped   atomic.Uint64
+	// Of the batch in flight, read by Stats: records and executions.
+	nBatch      atomic.Int64
+	nBatchExecs atomic.Uint64
+	// nPendingExecs counts the executions not yet sent, over all records.
+	nPendingExecs atomic.Int64
+}
+
+// inflightBatch is what the queue keeps in memory of the batch in flight.
+type inflightBatch struct {
+	id     string
+	n      int
+	deltas map[[32]byte]inflightDelta
+}
+
+// inflightDelta is what the batch in flight carries for one record.
+type inflightDelta struct {
+	exec   uint64
+	loaded bool
 }
 
 // delta is what the buffer holds for one hash until the next commit.
@@ -162,27 +207,33 @@ type delta struct {
 	first, last int64 // Unix nanoseconds
 }
 
-// indexEntry is what the queue keeps in memory about each stored record,
-// to choose evictions and batches without reading the file.
-type indexEntry struct {
-	last     int64 // LastSeen, Unix nanoseconds
-	bytes    int32 // key + value
-	pending  bool
-	inflight bool
+// deltaCost is about what one buffered delta costs in memory.
+func deltaCost(f *identify.Facts) int {
+	n := 200 + len(f.SHA256) + len(f.Path) + len(f.Kind) + len(f.Interpreter)
+	if f.ELF != nil {
+		n += 100 + len(f.ELF.Machine) + len(f.ELF.Type) + len(f.ELF.Interpreter) + len(f.ELF.BuildID) + len(f.ELF.Malformed)
+	}
+	return n
 }
 
 var (
-	bucketMeta     = []byte("meta")
-	bucketRecords  = []byte("records")
-	bucketInflight = []byte("inflight")
-	keyVersion     = []byte("version")
-	keySalt        = []byte("salt")
-	keyEvicted     = []byte("evicted")
-	keyDropped     = []byte("dropped")
-	keyBatch       = []byte("batch")
+	bucketMeta            = []byte("meta")
+	bucketRecords         = []byte("records")
+	bucketOrder           = []byte("order")
+	bucketInflight        = []byte("inflight")
+	bucketInflightRecords = []byte("inflight-records")
+	keyVersion            = []byte("version")
+	keySalt               = []byte("salt")
+	keyEvicted            = []byte("evicted")
+	keyDropped            = []byte("dropped")
+	keyBatch              = []byte("batch")
 )
 
-const schemaVersion = "1"
+// Schema versions: 2 is written; 1 is converted when opened.
+const (
+	schemaVersion   = "2"
+	schemaVersionV1 = "1"
+)
 
 func (o *Options) setDefaults() {
 	if o.MaxRecords <= 0 {
@@ -197,6 +248,9 @@ func (o *Options) setDefaults() {
 	if o.CommitEvents <= 0 {
 		o.CommitEvents = DefaultCommitEvents
 	}
+	if o.CommitBytes <= 0 {
+		o.CommitBytes = DefaultCommitBytes
+	}
 	if o.Clock == nil {
 		o.Clock = time.Now
 	}
@@ -208,7 +262,8 @@ func (o *Options) setDefaults() {
 // Add records one event. It only updates an in-memory buffer (no I/O, no
 // allocation for a hash already buffered); the event becomes durable at
 // the next commit (Serve, Flush, TakeBatch, Close). When four times
-// Options.CommitEvents distinct hashes are buffered, Add commits itself.
+// Options.CommitEvents distinct hashes, or four times CommitBytes, are
+// buffered, Add commits itself.
 func (q *Queue) Add(ev Event) error {
 	k, err := parseHash(ev.Facts.SHA256)
 	if err != nil {
@@ -230,6 +285,7 @@ func (q *Queue) Add(ev Event) error {
 	d, ok := q.buf[k]
 	if !ok {
 		d.first, d.last = first, last
+		q.bufBytes += deltaCost(&ev.Facts)
 	}
 	d.facts = ev.Facts
 	d.exec += ev.Execs
@@ -237,7 +293,7 @@ func (q *Queue) Add(ev Event) error {
 	d.first = min(d.first, first)
 	d.last = max(d.last, last)
 	q.buf[k] = d
-	n := len(q.buf)
+	n, bytes := len(q.buf), q.bufBytes
 	q.mu.Unlock()
 
 	if n == 1 && !ok {
@@ -247,13 +303,13 @@ func (q *Queue) Add(ev Event) error {
 		default:
 		}
 	}
-	if n >= q.opts.CommitEvents {
+	if n >= q.opts.CommitEvents || bytes >= q.opts.CommitBytes {
 		select {
 		case q.kick <- struct{}{}:
 		default:
 		}
 	}
-	if n >= 4*q.opts.CommitEvents {
+	if n >= 4*q.opts.CommitEvents || bytes >= 4*q.opts.CommitBytes {
 		return q.Flush()
 	}
 	return nil
@@ -279,7 +335,8 @@ func (q *Queue) flushLocked() error {
 		q.mu.Unlock()
 		return nil
 	}
-	q.buf = make(map[[32]byte]delta, len(buf))
+	q.buf = make(map[[32]byte]delta, min(len(buf), 1024))
+	q.bufBytes = 0
 	q.mu.Unlock()
 
 	// Keys in order: bbolt then walks its tree forward instead of
@@ -289,19 +346,19 @@ func (q *Queue) flushLocked() error {
 		keys = append(keys, k)
 	}
 	slices.SortFunc(keys, func(a, b [32]byte) int { return bytes.Compare(a[:], b[:]) })
+	var ch counterChange
 	err := q.db.Update(func(tx *bolt.Tx) error {
-		recs := tx.Bucket(bucketRecords)
+		recs, order := tx.Bucket(bucketRecords), tx.Bucket(bucketOrder)
 		for _, k := range keys {
 			d := buf[k]
-			if err := q.merge(recs, k, &d); err != nil {
+			if err := q.merge(recs, order, k, &d, &ch); err != nil {
 				return err
 			}
 		}
-		return q.evictLocked(tx)
+		return q.evictLocked(tx, &ch)
 	})
 	if err != nil {
-		// Nothing was committed: put the events back for the next try,
-		// and rebuild the index, which the failed transaction touched.
+		// Nothing was committed: put the events back for the next try.
 		q.mu.Lock()
 		for k, d := range buf {
 			if cur, ok := q.buf[k]; ok {
@@ -309,27 +366,127 @@ func (q *Queue) flushLocked() error {
 				d.loaded = d.loaded || cur.loaded
 				d.first, d.last = min(d.first, cur.first), max(d.last, cur.last)
 				d.facts = cur.facts
+			} else {
+				q.bufBytes += deltaCost(&d.facts)
 			}
 			q.buf[k] = d
 		}
 		q.mu.Unlock()
-		if ierr := q.db.View(q.loadIndex); ierr != nil {
-			q.log.Warn("rebuild queue index", "err", ierr)
-		}
 		err = fmt.Errorf("commit queue: %w", err)
 		q.commitErr.Store(&err)
 		return err
 	}
+	ch.apply(q)
 	q.commitErr.Store(nil)
 	return nil
 }
 
-// merge adds d to the stored record k and updates the index. The facts
-// are replaced by the latest ones, so only the fixed header of the stored
-// value is read.
-func (q *Queue) merge(recs *bolt.Bucket, k [32]byte, d *delta) error {
+// counterChange collects what a transaction changes in the counters, to
+// apply once it committed.
+type counterChange struct {
+	records, pending, bytes, pendingExecs int64
+	evicted                               uint64
+}
+
+func (c *counterChange) apply(q *Queue) {
+	q.nRecords.Add(c.records)
+	q.nPending.Add(c.pending)
+	q.nBytes.Add(c.bytes)
+	q.nPendingExecs.Add(c.pendingExecs)
+	if c.evicted > 0 {
+		q.evicted.Add(c.evicted)
+	}
+}
+
+// account adds to c what replacing a stored value old (nil: none) by
+// new (nil: deleted) changes.
+func (c *counterChange) account(k []byte, old, new []byte) {
+	if old != nil {
+		h, _ := decodeHeader(old)
+		c.records--
+		c.bytes -= int64(len(k) + len(old))
+		if h.pending() {
+			c.pending--
+		}
+		c.pendingExecs -= int64(h.exec - min(h.sent, h.exec))
+	}
+	if new != nil {
+		h, _ := decodeHeader(new)
+		c.records++
+		c.bytes += int64(len(k) + len(new))
+		if h.pending() {
+			c.pending++
+		}
+		c.pendingExecs += int64(h.exec - min(h.sent, h.exec))
+	}
+}
+
+// orderKey is a record's key in the "order" bucket.
+func orderKey(k []byte, pending bool, last int64) []byte {
+	o := make([]byte, 1+8+len(k))
+	o[0] = 's'
+	if pending {
+		o[0] = 'p'
+	}
+	binary.BigEndian.PutUint64(o[1:], uint64(last))
+	copy(o[9:], k)
+	return o
+}
+
+// orderKeyOf is the order key of a stored value; ok is false when the
+// value does not decode.
+func orderKeyOf(k, v []byte) ([]byte, bool) {
+	h, err := decodeHeader(v)
+	if err != nil {
+		return nil, false
+	}
+	return orderKey(k, h.pending(), h.last), true
+}
+
+// put stores the value of record k and keeps "order" and the counters in
+// step.
+func put(recs, order *bolt.Bucket, k, v []byte, ch *counterChange) error {
+	old := recs.Get(k)
+	if old != nil {
+		if ok, good := orderKeyOf(k, old); good {
+			if err := order.Delete(ok); err != nil {
+				return fmt.Errorf("update record order: %w", err)
+			}
+		}
+	}
+	ch.account(k, old, v)
+	if err := recs.Put(k, v); err != nil {
+		return fmt.Errorf("store record: %w", err)
+	}
+	ok, _ := orderKeyOf(k, v)
+	if err := order.Put(ok, nil); err != nil {
+		return fmt.Errorf("update record order: %w", err)
+	}
+	return nil
+}
+
+// remove deletes record k and its order key.
+func remove(recs, order *bolt.Bucket, k []byte, ch *counterChange) error {
+	old := recs.Get(k)
+	if old == nil {
+		return nil
+	}
+	if ok, good := orderKeyOf(k, old); good {
+		if err := order.Delete(ok); err != nil {
+			return fmt.Errorf("delete record order: %w", err)
+		}
+	}
+	ch.account(k, old, nil)
+	if err := recs.Delete(k); err != nil {
+		return fmt.Errorf("delete record: %w", err)
+	}
+	return nil
+}
+
+// merge adds d to the stored record k. The facts are replaced by the
+// latest ones, so only the fixed header of the stored value is read.
+func (q *Queue) merge(recs, order *bolt.Bucket, k [32]byte, d *delta, ch *counterChange) error {
 	r := &Record{}
-	old, had := q.index[k]
 	if v := recs.Get(k[:]); v != nil {
 		h, err := decodeHeader(v)
 		if err != nil {
@@ -355,103 +512,88 @@ func (q *Queue) merge(recs *bolt.Bucket, k [32]byte, d *delta) error {
 	if err != nil {
 		return err
 	}
-	if err := recs.Put(k[:], v); err != nil {
-		return fmt.Errorf("store record: %w", err)
-	}
-	e := indexEntry{last: r.LastSeen.UnixNano(), bytes: int32(len(k) + len(v)), pending: r.Pending(), inflight: old.inflight}
-	q.setIndex(k, old, had, e)
-	return nil
-}
-
-// setIndex replaces the index entry of k and keeps the counters in step.
-func (q *Queue) setIndex(k [32]byte, old indexEntry, had bool, e indexEntry) {
-	if had {
-		q.nBytes.Add(-int64(old.bytes))
-		if old.pending {
-			q.nPending.Add(-1)
-		}
-	} else {
-		q.nRecords.Add(1)
-	}
-	q.nBytes.Add(int64(e.bytes))
-	if e.pending {
-		q.nPending.Add(1)
-	}
-	q.index[k] = e
-}
-
-func (q *Queue) deleteIndex(k [32]byte) {
-	old, ok := q.index[k]
-	if !ok {
-		return
-	}
-	delete(q.index, k)
-	q.nRecords.Add(-1)
-	q.nBytes.Add(-int64(old.bytes))
-	if old.pending {
-		q.nPending.Add(-1)
-	}
+	return put(recs, order, k[:], v, ch)
 }
 
 // evictLocked keeps the queue within MaxRecords and MaxBytes. When a bound
 // is exceeded it evicts down to 99% of it, so that a queue at its bound
-// does not sort its index at every commit. Order: records already sent,
-// oldest LastSeen first; then pending records, oldest first; records of
-// the batch in flight last.
-func (q *Queue) evictLocked(tx *bolt.Tx) error {
-	maxR, maxB := q.opts.MaxRecords, q.opts.MaxBytes
-	if len(q.index) <= maxR && q.nBytes.Load() <= maxB {
+// does not evict at every commit. Order, walked in the "order" bucket:
+// records already sent, oldest LastSeen first; then pending records,
+// oldest first; records of the batch in flight last.
+func (q *Queue) evictLocked(tx *bolt.Tx, ch *counterChange) error {
+	maxR, maxB := int64(q.opts.MaxRecords), q.opts.MaxBytes
+	records, size := q.nRecords.Load()+ch.records, q.nBytes.Load()+ch.bytes
+	if records <= maxR && size <= maxB {
 		return nil
 	}
 	targetR, targetB := maxR-maxR/100, maxB-maxB/100
-	type cand struct {
-		k     [32]byte
-		class int
-		last  int64
-	}
-	cands := make([]cand, 0, len(q.index))
-	for k, e := range q.index {
-		c := 0
-		switch {
-		case e.inflight:
-			c = 2
-		case e.pending:
-			c = 1
-		}
-		cands = append(cands, cand{k, c, e.last})
-	}
-	slices.SortFunc(cands, func(a, b cand) int {
-		if a.class != b.class {
-			return a.class - b.class
-		}
-		return cmp.Compare(a.last, b.last)
-	})
-	recs := tx.Bucket(bucketRecords)
+	over := func() bool { return records > targetR || size > targetB }
+	recs, order := tx.Bucket(bucketRecords), tx.Bucket(bucketOrder)
 	var n uint64
-	for _, c := range cands {
-		if len(q.index) <= targetR && q.nBytes.Load() <= targetB {
-			break
+	// Three classes: sent, pending not in flight, in flight. Victims are
+	// chosen in rounds of at most evictRound, then deleted (deleting under
+	// a cursor would skip keys).
+	for class := 0; class < 3 && over(); {
+		prefix := byte('s')
+		if class > 0 {
+			prefix = 'p'
 		}
-		if err := recs.Delete(c.k[:]); err != nil {
-			return fmt.Errorf("evict record: %w", err)
+		var victims [][]byte
+		c := order.Cursor()
+		for ok, _ := c.Seek([]byte{prefix}); ok != nil && ok[0] == prefix && over() && len(victims) < evictRound; ok, _ = c.Next() {
+			k := ok[9:]
+			if _, inBatch := q.inflightDelta(k); prefix == 'p' && inBatch != (class == 2) {
+				continue
+			}
+			if v := recs.Get(k); v != nil {
+				records--
+				size -= int64(len(k) + len(v))
+			}
+			victims = append(victims, append([]byte(nil), k...))
 		}
-		q.deleteIndex(c.k)
-		n++
+		for _, k := range victims {
+			if err := remove(recs, order, k, ch); err != nil {
+				return fmt.Errorf("evict record: %w", err)
+			}
+		}
+		n += uint64(len(victims))
+		if len(victims) < evictRound {
+			class++
+		}
 	}
-	ev := q.evicted.Add(n)
-	q.log.Info("queue full: evicted oldest records", "evicted", n, "records", len(q.index))
-	return putCounter(tx, keyEvicted, ev)
+	if n == 0 {
+		return nil
+	}
+	ch.evicted += n
+	q.log.Info("queue full: evicted oldest records", "evicted", n, "records", records)
+	return putCounter(tx, keyEvicted, q.evicted.Load()+ch.evicted)
+}
+
+// evictRound bounds the keys one round of eviction holds in memory.
+const evictRound = 4096
+
+// inflightDelta returns what the batch in flight carries for record k.
+// The caller holds flushMu.
+func (q *Queue) inflightDelta(k []byte) (inflightDelta, bool) {
+	if q.inflight == nil || len(k) != 32 {
+		return inflightDelta{}, false
+	}
+	d, ok := q.inflight.deltas[[32]byte(k)]
+	return d, ok
 }
 
 // Stats returns the counters; it takes no lock and does no I/O. Pending
 // counts committed records only.
 func (q *Queue) Stats() Stats {
 	return Stats{
-		Pending: int(q.nPending.Load()),
-		Records: int(q.nRecords.Load()),
-		Evicted: q.evicted.Load(),
-		Dropped: q.dropped.Load(),
-		Bytes:   q.nBytes.Load(),
+		Pending:      int(q.nPending.Load()),
+		Records:      int(q.nRecords.Load()),
+		Evicted:      q.evicted.Load(),
+		Dropped:      q.dropped.Load(),
+		Bytes:        q.nBytes.Load(),
+		PendingExecs: uint64(max(q.nPendingExecs.Load(), 0)),
+		Batch:        int(q.nBatch.Load()),
+		BatchExecs:   q.nBatchExecs.Load(),
 	}
 }
 
@@ -465,9 +607,9 @@ func (q *Queue) Empty() bool {
 }
 
 // Serve commits the buffer every Options.CommitInterval, and early when
-// Options.CommitEvents distinct hashes are waiting. When ctx is cancelled
-// it commits once more and returns ctx.Err(). A failed commit is logged
-// and retried at the next tick.
+// Options.CommitEvents distinct hashes (or CommitBytes) are waiting. When
+// ctx is cancelled it commits once more and returns ctx.Err(). A failed
+// commit is logged and retried at the next tick.
 func (q *Queue) Serve(ctx context.Context) error {
 	// The commit timer runs only while something is buffered: an idle
 	// queue never wakes up.
@@ -536,46 +678,211 @@ func (q *Queue) Close() error {
 // flight. An empty batch (no records, empty ID) means nothing is pending;
 // it is not stored.
 //
-// To keep a batch under a compressed-size limit, the uploader sizes it
-// before the first send: it calls Pending with a smaller maxRecords until
-// the encoded batch fits, then TakeBatch with that number. A batch cut too
-// large and never sent may be given back with ReleaseBatch.
+// A batch cut too large to send, and never sent, may be given back with
+// ReleaseBatch and cut again smaller.
 func (q *Queue) TakeBatch(maxRecords int) (Batch, error) {
 	q.flushMu.Lock()
 	defer q.flushMu.Unlock()
 	if err := q.flushLocked(); err != nil {
 		return Batch{}, err
 	}
-	b, err := q.nextBatchLocked(maxRecords)
-	if err != nil || q.inflight != nil || len(b.Records) == 0 {
+	if q.inflight != nil {
+		return q.readInflightLocked()
+	}
+	if maxRecords <= 0 {
+		return Batch{Records: []wire.Record{}}, nil
+	}
+	b := Batch{Records: []wire.Record{}}
+	err := q.db.View(func(tx *bolt.Tx) error {
+		recs := tx.Bucket(bucketRecords)
+		c := tx.Bucket(bucketOrder).Cursor()
+		for ok, _ := c.Seek([]byte{'p'}); ok != nil && ok[0] == 'p' && len(b.Records) < maxRecords; ok, _ = c.Next() {
+			k := ok[9:]
+			r, err := decodeRecord(k, recs.Get(k))
+			if err != nil {
+				return fmt.Errorf("read record %x: %w", k, err)
+			}
+			b.Records = append(b.Records, r.delta())
+		}
+		return nil
+	})
+	if err != nil || len(b.Records) == 0 {
 		return b, err
 	}
-	data, err := json.Marshal(b)
-	if err != nil {
-		return Batch{}, fmt.Errorf("encode batch: %w", err)
-	}
+	b.ID = q.batchID(b.Records)
+	in := &inflightBatch{id: b.ID, n: len(b.Records), deltas: make(map[[32]byte]inflightDelta, len(b.Records))}
 	err = q.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketInflight).Put(keyBatch, data)
+		ib, irecs := tx.Bucket(bucketInflight), tx.Bucket(bucketInflightRecords)
+		meta, err := json.Marshal(inflightMeta{ID: b.ID, Records: len(b.Records)})
+		if err != nil {
+			return fmt.Errorf("encode batch: %w", err)
+		}
+		if err := ib.Put(keyBatch, meta); err != nil {
+			return err
+		}
+		for i, r := range b.Records {
+			data, err := json.Marshal(r)
+			if err != nil {
+				return fmt.Errorf("encode batch: %w", err)
+			}
+			if err := irecs.Put(binary.BigEndian.AppendUint32(nil, uint32(i)), data); err != nil {
+				return err
+			}
+			k, _ := parseHash(r.SHA256)
+			in.deltas[k] = inflightDelta{exec: r.ExecCount, loaded: r.Loaded}
+		}
+		return nil
 	})
 	if err != nil {
 		return Batch{}, fmt.Errorf("store batch in flight: %w", err)
 	}
-	q.setInflight(&b)
+	q.setInflight(in)
 	return b, nil
 }
 
-// Pending returns exactly the records the next TakeBatch(maxRecords)
-// would return, without cutting a batch: the preview of GET /v1/queue. It
-// commits the buffer first, as TakeBatch does.
-func (q *Queue) Pending(maxRecords int) ([]wire.Record, error) {
+// inflightMeta is the value of "inflight"/"batch".
+type inflightMeta struct {
+	ID      string `json:"id"`
+	Records int    `json:"records"`
+}
+
+// readInflightLocked reads the batch in flight from the file.
+func (q *Queue) readInflightLocked() (Batch, error) {
+	b := Batch{ID: q.inflight.id, Records: make([]wire.Record, 0, q.inflight.n)}
+	err := q.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketInflightRecords).ForEach(func(_, v []byte) error {
+			var r wire.Record
+			if err := json.Unmarshal(v, &r); err != nil {
+				return fmt.Errorf("read batch in flight: %w", err)
+			}
+			b.Records = append(b.Records, r)
+			return nil
+		})
+	})
+	return b, err
+}
+
+// Preview calls fn for every record with something to send, as the
+// cloud would receive it: first each record of the batch in flight
+// (inBatch), with the exact deltas the batch carries, then every pending
+// record with what is pending beyond that batch, oldest first. It commits
+// the buffer first. The file is read in pages of previewPage records,
+// and no lock or transaction is held while fn runs, so fn may take its
+// time (a slow client) and memory stays bounded; a record that changes
+// meanwhile may show as it was or as it is. It returns the ID of the
+// batch in flight ("" when none).
+func (q *Queue) Preview(fn func(rec wire.Record, inBatch bool) error) (string, error) {
+	q.flushMu.Lock()
+	if err := q.flushLocked(); err != nil {
+		q.flushMu.Unlock()
+		return "", err
+	}
+	batchID := ""
+	if q.inflight != nil {
+		batchID = q.inflight.id
+	}
+	q.flushMu.Unlock()
+
+	page := make([]wire.Record, 0, previewPage)
+	// The batch in flight, by position.
+	var after []byte
+	for {
+		page = page[:0]
+		err := q.view(func(tx *bolt.Tx) error {
+			c := tx.Bucket(bucketInflightRecords).Cursor()
+			k, v := c.First()
+			if after != nil {
+				k, v = c.Seek(after)
+				if k != nil && bytes.Equal(k, after) {
+					k, v = c.Next()
+				}
+			}
+			for ; k != nil && len(page) < previewPage; k, v = c.Next() {
+				var r wire.Record
+				if err := json.Unmarshal(v, &r); err != nil {
+					return fmt.Errorf("read batch in flight: %w", err)
+				}
+				page = append(page, r)
+				after = append(after[:0], k...)
+			}
+			return nil
+		})
+		if err != nil {
+			return batchID, err
+		}
+		for _, r := range page {
+			if err := fn(r, true); err != nil {
+				return batchID, err
+			}
+		}
+		if len(page) < previewPage {
+			break
+		}
+	}
+	// The rest, oldest first, less what the batch carries.
+	after = []byte{'p'}
+	first := true
+	for {
+		page = page[:0]
+		err := q.view(func(tx *bolt.Tx) error {
+			recs := tx.Bucket(bucketRecords)
+			c := tx.Bucket(bucketOrder).Cursor()
+			ok, _ := c.Seek(after)
+			if !first && ok != nil && bytes.Equal(ok, after) {
+				ok, _ = c.Next()
+			}
+			for ; ok != nil && ok[0] == 'p' && len(page) < previewPage; ok, _ = c.Next() {
+				after = append(after[:0], ok...)
+				k := ok[9:]
+				r, err := decodeRecord(k, recs.Get(k))
+				if err != nil {
+					return fmt.Errorf("read record %x: %w", k, err)
+				}
+				d := r.delta()
+				if in, ok := q.inflightDeltaShared(k); ok {
+					d.ExecCount -= min(in.exec, d.ExecCount)
+					d.Loaded = d.Loaded && !in.loaded
+				}
+				if d.ExecCount == 0 && !d.Loaded {
+					continue
+				}
+				page = append(page, d)
+			}
+			if ok == nil || ok[0] != 'p' {
+				after = nil // done
+			}
+			return nil
+		})
+		if err != nil {
+			return batchID, err
+		}
+		first = false
+		for _, r := range page {
+			if err := fn(r, false); err != nil {
+				return batchID, err
+			}
+		}
+		if after == nil {
+			return batchID, nil
+		}
+	}
+}
+
+// previewPage is how many records Preview reads at once.
+const previewPage = 64
+
+// view runs fn in a read transaction, holding flushMu only while it runs.
+func (q *Queue) view(fn func(tx *bolt.Tx) error) error {
 	q.flushMu.Lock()
 	defer q.flushMu.Unlock()
-	if err := q.flushLocked(); err != nil {
-		return nil, err
+	if q.db == nil {
+		return ErrClosed
 	}
-	b, err := q.nextBatchLocked(maxRecords)
-	return b.Records, err
+	return q.db.View(fn)
 }
+
+// inflightDeltaShared is inflightDelta for a caller inside view.
+func (q *Queue) inflightDeltaShared(k []byte) (inflightDelta, bool) { return q.inflightDelta(k) }
 
 // CommitError returns why the last commit failed (a full or read-only
 // state folder, say), or nil when it succeeded. Events are kept in memory
@@ -603,55 +910,6 @@ func (q *Queue) reopenLocked() error {
 	return nil
 }
 
-// nextBatchLocked is the one place that builds what is sent: the batch in
-// flight, or the oldest pending records as deltas.
-func (q *Queue) nextBatchLocked(maxRecords int) (Batch, error) {
-	if q.inflight != nil {
-		return cloneBatch(q.inflight), nil
-	}
-	if maxRecords <= 0 {
-		return Batch{Records: []wire.Record{}}, nil
-	}
-	type cand struct {
-		k    [32]byte
-		last int64
-	}
-	var cands []cand
-	for k, e := range q.index {
-		if e.pending {
-			cands = append(cands, cand{k, e.last})
-		}
-	}
-	slices.SortFunc(cands, func(a, b cand) int {
-		if c := cmp.Compare(a.last, b.last); c != 0 {
-			return c
-		}
-		return slices.Compare(a.k[:], b.k[:])
-	})
-	if len(cands) > maxRecords {
-		cands = cands[:maxRecords]
-	}
-	b := Batch{Records: make([]wire.Record, 0, len(cands))}
-	err := q.db.View(func(tx *bolt.Tx) error {
-		recs := tx.Bucket(bucketRecords)
-		for _, c := range cands {
-			r, err := decodeRecord(c.k[:], recs.Get(c.k[:]))
-			if err != nil {
-				return fmt.Errorf("read record %x: %w", c.k, err)
-			}
-			b.Records = append(b.Records, r.delta())
-		}
-		return nil
-	})
-	if err != nil {
-		return Batch{}, err
-	}
-	if len(b.Records) > 0 {
-		b.ID = q.batchID(b.Records)
-	}
-	return b, nil
-}
-
 // batchID is derived from the content and the queue's salt: the same
 // pending content gives the same ID, and two installations never share
 // one.
@@ -662,49 +920,46 @@ func (q *Queue) batchID(recs []wire.Record) string {
 	return hex.EncodeToString(h.Sum(nil)[:16])
 }
 
-func cloneBatch(b *Batch) Batch {
-	return Batch{ID: b.ID, Records: slices.Clone(b.Records)}
-}
-
-func (q *Queue) setInflight(b *Batch) {
+// setInflight makes b the batch in flight, or none when nil.
+func (q *Queue) setInflight(b *inflightBatch) {
 	q.inflight = b
-	for _, r := range b.Records {
-		if k, err := parseHash(r.SHA256); err == nil {
-			if e, ok := q.index[k]; ok {
-				e.inflight = true
-				q.index[k] = e
-			}
-		}
-	}
-}
-
-func (q *Queue) clearInflight() {
-	if q.inflight == nil {
+	if b == nil {
+		q.nBatch.Store(0)
+		q.nBatchExecs.Store(0)
 		return
 	}
-	for _, r := range q.inflight.Records {
-		if k, err := parseHash(r.SHA256); err == nil {
-			if e, ok := q.index[k]; ok {
-				e.inflight = false
-				q.index[k] = e
-			}
-		}
+	var execs uint64
+	for _, d := range b.deltas {
+		execs += d.exec
 	}
-	q.inflight = nil
+	q.nBatch.Store(int64(b.n))
+	q.nBatchExecs.Store(execs)
+}
+
+// clearInflightTx deletes the batch in flight from the file.
+func clearInflightTx(tx *bolt.Tx) error {
+	if err := tx.Bucket(bucketInflight).Delete(keyBatch); err != nil {
+		return err
+	}
+	if err := tx.DeleteBucket(bucketInflightRecords); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
+		return err
+	}
+	_, err := tx.CreateBucket(bucketInflightRecords)
+	return err
 }
 
 // MarkSent records that the server accepted the batch: each record's
 // SentCount advances by exactly the executions the batch carried, so
 // executions seen after TakeBatch stay pending.
 func (q *Queue) MarkSent(batchID string) error {
-	return q.settle(batchID, "mark batch sent", nil)
+	return q.settle(batchID, "mark batch sent", false)
 }
 
 // DropBatch records that the server refused the batch for good (400, 413,
 // 422): its counts are treated as sent and lost, and its records are
 // counted in Stats().Dropped.
 func (q *Queue) DropBatch(batchID string) error {
-	return q.settle(batchID, "drop batch", &q.dropped)
+	return q.settle(batchID, "drop batch", true)
 }
 
 // ReleaseBatch forgets the batch in flight without counting anything as
@@ -717,36 +972,30 @@ func (q *Queue) ReleaseBatch(batchID string) error {
 	if q.db == nil {
 		return ErrClosed
 	}
-	if q.inflight == nil || q.inflight.ID != batchID {
+	if q.inflight == nil || q.inflight.id != batchID {
 		return fmt.Errorf("release batch %q: %w", batchID, ErrUnknownBatch)
 	}
-	err := q.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketInflight).Delete(keyBatch)
-	})
-	if err != nil {
+	if err := q.db.Update(clearInflightTx); err != nil {
 		return fmt.Errorf("release batch: %w", err)
 	}
-	q.clearInflight()
+	q.setInflight(nil)
 	return nil
 }
 
-func (q *Queue) settle(batchID, what string, dropped *atomic.Uint64) error {
+func (q *Queue) settle(batchID, what string, drop bool) error {
 	q.flushMu.Lock()
 	defer q.flushMu.Unlock()
 	if q.db == nil {
 		return ErrClosed
 	}
-	if q.inflight == nil || q.inflight.ID != batchID {
+	if q.inflight == nil || q.inflight.id != batchID {
 		return fmt.Errorf("%s %q: %w", what, batchID, ErrUnknownBatch)
 	}
 	b := q.inflight
+	var ch counterChange
 	err := q.db.Update(func(tx *bolt.Tx) error {
-		recs := tx.Bucket(bucketRecords)
-		for _, w := range b.Records {
-			k, err := parseHash(w.SHA256)
-			if err != nil {
-				continue
-			}
+		recs, order := tx.Bucket(bucketRecords), tx.Bucket(bucketOrder)
+		for k, d := range b.deltas {
 			v := recs.Get(k[:])
 			if v == nil {
 				continue // evicted since
@@ -755,42 +1004,39 @@ func (q *Queue) settle(batchID, what string, dropped *atomic.Uint64) error {
 			if err != nil {
 				return fmt.Errorf("read record %x: %w", k, err)
 			}
-			r.SentCount = min(r.SentCount+w.ExecCount, r.ExecCount)
-			if w.Loaded {
+			r.SentCount = min(r.SentCount+d.exec, r.ExecCount)
+			if d.loaded {
 				r.LoadedSent = true
 			}
 			nv, err := encodeRecord(r)
 			if err != nil {
 				return err
 			}
-			if err := recs.Put(k[:], nv); err != nil {
-				return fmt.Errorf("store record: %w", err)
-			}
-			old := q.index[k]
-			q.setIndex(k, old, true, indexEntry{last: old.last, bytes: int32(len(k) + len(nv)), pending: r.Pending()})
-		}
-		if dropped != nil {
-			if err := putCounter(tx, keyDropped, q.dropped.Load()+uint64(len(b.Records))); err != nil {
+			if err := put(recs, order, k[:], nv, &ch); err != nil {
 				return err
 			}
 		}
-		return tx.Bucket(bucketInflight).Delete(keyBatch)
+		if drop {
+			if err := putCounter(tx, keyDropped, q.dropped.Load()+uint64(b.n)); err != nil {
+				return err
+			}
+		}
+		return clearInflightTx(tx)
 	})
 	if err != nil {
-		if ierr := q.db.View(q.loadIndex); ierr != nil {
-			q.log.Warn("rebuild queue index", "err", ierr)
-		}
 		return fmt.Errorf("%s: %w", what, err)
 	}
-	if dropped != nil {
-		dropped.Add(uint64(len(b.Records)))
+	ch.apply(q)
+	if drop {
+		q.dropped.Add(uint64(b.n))
 	}
-	q.inflight = nil
+	q.setInflight(nil)
 	return nil
 }
 
 // Records returns every stored record, committed ones only, for
-// diagnostics and tests.
+// diagnostics and tests: unlike everything else it holds them all in
+// memory.
 func (q *Queue) Records() ([]Record, error) {
 	q.flushMu.Lock()
 	defer q.flushMu.Unlock()

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/cloudprotect/cloudprotect/agent/identify"
+	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 func TestMain(m *testing.M) {
@@ -165,16 +167,9 @@ func TestBatchLifecycle(t *testing.T) {
 	execs(t, q, 2, 1, t0.Add(time.Second))
 	mustAdd(t, q, Event{Facts: facts(3), Loaded: true, Time: t0.Add(2 * time.Second)})
 
-	preview, err := q.Pending(2)
-	if err != nil {
-		t.Fatal(err)
-	}
 	b, err := q.TakeBatch(2)
 	if err != nil {
 		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(preview, b.Records) {
-		t.Errorf("preview differs from the batch:\n%+v\n%+v", preview, b.Records)
 	}
 	if len(b.Records) != 2 || b.ID == "" || b.Records[0].SHA256 != facts(1).SHA256 || b.Records[0].ExecCount != 5 || b.Records[1].ExecCount != 1 {
 		t.Fatalf("batch = %+v", b)
@@ -251,6 +246,83 @@ func TestBatchLifecycle(t *testing.T) {
 	}
 	if s := q.Stats(); s.Pending != 0 {
 		t.Errorf("loaded twice: %+v", s)
+	}
+}
+
+// preview returns what Preview shows: the batch's records, then the rest.
+func preview(t *testing.T, q *Queue) (string, []wire.Record, []wire.Record) {
+	t.Helper()
+	var batch, rest []wire.Record
+	id, err := q.Preview(func(r wire.Record, inBatch bool) error {
+		if inBatch {
+			if len(rest) > 0 {
+				t.Errorf("a record of the batch after the rest: %+v", r)
+			}
+			batch = append(batch, r)
+		} else {
+			rest = append(rest, r)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("preview: %v", err)
+	}
+	return id, batch, rest
+}
+
+// The preview shows every pending record: the batch in flight with the
+// exact deltas it carries, then what is pending beyond it, oldest first;
+// with nothing in flight, everything is the rest.
+func TestPreview(t *testing.T) {
+	t.Parallel()
+	q := openTest(t, filepath.Join(t.TempDir(), "q.db"), Options{})
+	execs(t, q, 1, 1001, t0)
+	execs(t, q, 2, 3, t0.Add(time.Second))
+	mustAdd(t, q, Event{Facts: facts(3), Loaded: true, Time: t0.Add(2 * time.Second)})
+	id, batch, rest := preview(t, q)
+	if id != "" || len(batch) != 0 || len(rest) != 3 || rest[0].SHA256 != facts(1).SHA256 || rest[0].ExecCount != 1001 {
+		t.Fatalf("before a batch: id %q, batch %+v, rest %+v", id, batch, rest)
+	}
+	b, err := q.TakeBatch(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same program runs 1,001 times more after the batch was cut.
+	execs(t, q, 1, 1001, t0.Add(time.Hour))
+	id, batch, rest = preview(t, q)
+	if id != b.ID || !reflect.DeepEqual(batch, b.Records) {
+		t.Errorf("batch in the preview = %q %+v, want %q %+v", id, batch, b.ID, b.Records)
+	}
+	got := map[string]string{}
+	for _, r := range rest {
+		got[r.SHA256] = fmt.Sprint(r.ExecCount, r.Loaded)
+	}
+	want := map[string]string{facts(1).SHA256: "1001 false", facts(3).SHA256: "0 true"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("the rest = %v, want %v", got, want)
+	}
+	if s := q.Stats(); s.Batch != 2 || s.BatchExecs != 1004 || s.PendingExecs != 2005 || s.Pending != 3 {
+		t.Errorf("stats = %+v", s)
+	}
+	// Many records come in pages; every one is shown once.
+	for i := 10; i < 10+3*previewPage; i++ {
+		execs(t, q, i, 1, t0.Add(time.Duration(i)*time.Minute))
+	}
+	_, batch, rest = preview(t, q)
+	if len(batch) != 2 || len(rest) != 2+3*previewPage {
+		t.Errorf("paged preview: %d in the batch, %d after, want 2 and %d", len(batch), len(rest), 2+3*previewPage)
+	}
+	seen := map[string]bool{}
+	for _, r := range rest {
+		if seen[r.SHA256] {
+			t.Errorf("%s shown twice", r.SHA256)
+		}
+		seen[r.SHA256] = true
+	}
+	// A caller's error stops the preview.
+	stop := errors.New("client gone")
+	if _, err := q.Preview(func(wire.Record, bool) error { return stop }); !errors.Is(err, stop) {
+		t.Errorf("Preview = %v, want the caller's error", err)
 	}
 }
 
@@ -665,5 +737,60 @@ func TestEmptyCountsBufferedEvents(t *testing.T) {
 	}
 	if !q.Empty() || q.Stats().Records != 0 {
 		t.Fatalf("after purge and a commit: Empty() = %v, records %d", q.Empty(), q.Stats().Records)
+	}
+}
+
+// heapInUse is the live heap after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}
+
+// What the queue holds in memory does not grow with the records it
+// stores: five times the records, cut into batches, previewed and
+// evicted, leave the heap where it was (a map entry per record would add
+// about 2.5 MB here).
+func TestMemoryFlatWithRecords(t *testing.T) {
+	if testing.Short() {
+		t.Skip("short")
+	}
+	q := openTest(t, filepath.Join(t.TempDir(), "q.db"), Options{MaxRecords: 25_000})
+	fill := func(from, to int) {
+		for i := from; i < to; i++ {
+			mustAdd(t, q, Event{Facts: facts(i), Execs: 1, Time: t0.Add(time.Duration(i) * time.Millisecond)})
+		}
+		if err := q.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	use := func() {
+		b, err := q.TakeBatch(100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := q.Preview(func(wire.Record, bool) error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if err := q.MarkSent(b.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fill(0, 6_000)
+	use()
+	before := heapInUse()
+	for from := 6_000; from < 30_000; from += 6_000 {
+		fill(from, from+6_000)
+		use()
+	}
+	after := heapInUse()
+	s := q.Stats()
+	t.Logf("heap %d KiB with 6,000 records, %d KiB with %d (evicted %d)", before>>10, after>>10, s.Records, s.Evicted)
+	if s.Records < 24_000 || s.Evicted == 0 {
+		t.Fatalf("stats = %+v", s)
+	}
+	if after > before+1<<20 {
+		t.Errorf("heap grew by %d KiB with the records", (after-before)>>10)
 	}
 }

@@ -2,6 +2,8 @@ package queue
 
 import (
 	"bufio"
+	"encoding/json"
+	"reflect"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -154,6 +156,25 @@ func TestOpenDamaged(t *testing.T) {
 				return b.Put(make([]byte, 32), append([]byte(nil), v...))
 			})
 		}, false, "records were damaged", 50},
+		{"order bucket missing", func(t *testing.T, p string) {
+			editBolt(t, p, func(tx *bolt.Tx) error { return tx.DeleteBucket(bucketOrder) })
+		}, false, "queue order was damaged and is rebuilt", 50},
+		{"order key lost", func(t *testing.T, p string) {
+			editBolt(t, p, func(tx *bolt.Tx) error {
+				c := tx.Bucket(bucketOrder).Cursor()
+				k, _ := c.First()
+				return c.Bucket().Delete(k)
+			})
+		}, false, "queue order was damaged and is rebuilt", 50},
+		{"batch records lost", func(t *testing.T, p string) {
+			editBolt(t, p, func(tx *bolt.Tx) error {
+				if err := tx.DeleteBucket(bucketInflightRecords); err != nil {
+					return err
+				}
+				_, err := tx.CreateBucket(bucketInflightRecords)
+				return err
+			})
+		}, false, "batch in flight was damaged", 50},
 		{"damaged batch in flight", func(t *testing.T, p string) {
 			editBolt(t, p, func(tx *bolt.Tx) error { return tx.Bucket(bucketInflight).Put(keyBatch, []byte("{not json")) })
 		}, false, "batch in flight was damaged", 50},
@@ -203,6 +224,61 @@ func TestOpenDamaged(t *testing.T) {
 				t.Errorf("second open still repairs:\n%s", logs2.String())
 			}
 		})
+	}
+}
+
+// A version 1 file (no order bucket, the batch in flight as one JSON
+// value) is converted: its records, their order and the batch in flight,
+// with its ID, are all there.
+func TestOpenVersion1(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "q.db")
+	makeQueue(t, path)
+	q := openTest(t, path, Options{})
+	want, err := q.TakeBatch(100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantRecs := recordsByHash(t, q)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	editBolt(t, path, func(tx *bolt.Tx) error {
+		data, err := json.Marshal(want)
+		if err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketInflight).Put(keyBatch, data); err != nil {
+			return err
+		}
+		for _, b := range [][]byte{bucketOrder, bucketInflightRecords} {
+			if err := tx.DeleteBucket(b); err != nil {
+				return err
+			}
+		}
+		return tx.Bucket(bucketMeta).Put(keyVersion, []byte("1"))
+	})
+	var logs logBuffer
+	q, err = Open(path, Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	if strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), "converting") {
+		t.Errorf("conversion log:\n%s", logs.String())
+	}
+	got, err := q.TakeBatch(1)
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Errorf("batch in flight after conversion = %+v, %v; want %+v", got, err, want)
+	}
+	if recs := recordsByHash(t, q); !reflect.DeepEqual(recs, wantRecs) {
+		t.Errorf("records changed in the conversion")
+	}
+	if err := q.MarkSent(got.ID); err != nil {
+		t.Fatal(err)
+	}
+	if s := q.Stats(); s.Records != 50 || s.Pending != 40 || len(want.Records) != 10 {
+		t.Errorf("stats after the batch of %d = %+v, want 50 records, 40 pending", len(want.Records), s)
 	}
 }
 

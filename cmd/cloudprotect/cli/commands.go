@@ -109,7 +109,13 @@ func (r *runner) printStatus(w io.Writer, st api.Status) {
 	if st.Agent.EventsLost > 0 {
 		row(p.Sprintf("events lost"), p.Sprintf("%d of %d", st.Agent.EventsLost, st.Agent.EventsSeen+st.Agent.EventsLost))
 	}
-	queue := p.Sprintf("pending: %d, kept: %d", st.Queue.Pending, st.Queue.Records)
+	queue := p.Sprintf("nothing waiting to be sent")
+	if st.Queue.Pending > 0 {
+		queue = p.Sprintf("%d programs waiting to be sent", st.Queue.Pending)
+		if next := st.Upload.NextAttempt; next != nil {
+			queue += p.Sprintf("; next attempt %s", shortTime(next.Local(), time.Now()))
+		}
+	}
 	if st.Queue.Evicted > 0 {
 		queue += p.Sprintf(", dropped because the queue was full: %d", st.Queue.Evicted)
 	}
@@ -295,6 +301,14 @@ func cmdLeave(ctx context.Context, r *runner, args []string) error {
 	return nil
 }
 
+// shortTime is t as a time of day when it is today, else with its date.
+func shortTime(t, now time.Time) string {
+	if y, m, d := t.Date(); now.Year() == y && now.Month() == m && now.Day() == d {
+		return t.Format("15:04")
+	}
+	return t.Format("2006-01-02 15:04")
+}
+
 func cmdQueue(ctx context.Context, r *runner, args []string) error {
 	var asJSON bool
 	if err := r.parseFlags("queue", args, func(fs *flag.FlagSet) { fs.BoolVar(&asJSON, "json", false, "") }); err != nil {
@@ -307,20 +321,26 @@ func cmdQueue(ctx context.Context, r *runner, args []string) error {
 	if asJSON {
 		return printJSON(r.env.Stdout, q)
 	}
-	if q.Pending == 0 {
+	if len(q.Records) == 0 {
 		r.p.Fprintf(r.env.Stdout, "Nothing is waiting to be sent.\n")
 		return nil
 	}
-	r.p.Fprintf(r.env.Stdout, "Waiting to be sent: %d. The next upload sends these %d (--json shows every field):\n",
-		q.Pending, len(q.Batch.Records))
+	r.p.Fprintf(r.env.Stdout, "Programs waiting to be sent: %d; executions: %d (--json shows every field).\n", q.Totals.Programs, q.Totals.Executions)
+	if q.Totals.BatchRecords > 0 {
+		r.p.Fprintf(r.env.Stdout, "Marked *: the batch waiting for the cloud's answer, sent again as it is until the cloud confirms it.\n")
+	}
 	tw := tabwriter.NewWriter(r.env.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.p.Sprintf("SHA-256"), r.p.Sprintf("RUNS"), r.p.Sprintf("LOADED"), r.p.Sprintf("LAST SEEN"), r.p.Sprintf("PATH"))
-	for _, rec := range q.Batch.Records {
+	fmt.Fprintf(tw, "\t%s\t%s\t%s\t%s\t%s\n", r.p.Sprintf("SHA-256"), r.p.Sprintf("RUNS"), r.p.Sprintf("LOADED"), r.p.Sprintf("LAST SEEN"), r.p.Sprintf("PATH"))
+	for _, rec := range q.Records {
 		loaded := r.p.Sprintf("no")
 		if rec.Loaded {
 			loaded = r.p.Sprintf("yes")
 		}
-		fmt.Fprintf(tw, "%s…\t%s\t%s\t%s\t%s\n", rec.SHA256[:min(16, len(rec.SHA256))], r.p.Sprintf("%d", rec.ExecCount), loaded,
+		mark := ""
+		if rec.InBatch {
+			mark = "*"
+		}
+		fmt.Fprintf(tw, "%s\t%s…\t%s\t%s\t%s\t%s\n", mark, rec.SHA256[:min(16, len(rec.SHA256))], r.p.Sprintf("%d", rec.ExecCount), loaded,
 			rec.LastSeen.Local().Format(time.DateTime), safetext.Line(rec.Path))
 	}
 	return tw.Flush()
