@@ -70,6 +70,10 @@ type Config struct {
 	Logger     *slog.Logger
 }
 
+// IdentifyCacheFile is the file in the state folder where the facts of
+// identified programs are kept across restarts (see identify.Serve).
+const IdentifyCacheFile = "identify.cache"
+
 // DefaultConfig returns the configuration for mode: system paths for
 // ModeSystem, XDG paths of the current user for ModeUser.
 func DefaultConfig(mode string) Config {
@@ -165,7 +169,8 @@ func New(cfg Config) (*Agent, error) {
 		runners: newRunners(),
 		dirty:   make(chan struct{}, 1),
 	}
-	a.ident = identify.New(identify.Options{Anonymizer: a.anon, Logger: cfg.Logger})
+	a.ident = identify.New(identify.Options{Anonymizer: a.anon, Logger: cfg.Logger,
+		CachePath: filepath.Join(cfg.StateDir, IdentifyCacheFile)})
 	a.upload, err = upload.New(upload.Options{
 		Queue:            queueForUpload{q},
 		StatePath:        filepath.Join(cfg.StateDir, upload.StateFile),
@@ -238,6 +243,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		service{"status", a.publishStatus},
 		service{"alerts", a.alerts.Serve},
 		service{"queue", a.queue.Serve},
+		service{"identify", a.ident.Serve},
 		service{"collect", a.collect.Serve},
 		service{"upload", a.upload.Serve},
 		service{"reputation", a.rep.Serve},

@@ -407,6 +407,9 @@ func (a *Agent) forget() {
 			a.log.Info("pending statistics deleted", "records", st.Records)
 		}
 	}
+	if err := a.ident.Forget(); err != nil {
+		a.log.Error("delete the identification cache", "err", err)
+	}
 	a.runners.clear()
 	a.onForget()
 }

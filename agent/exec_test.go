@@ -305,3 +305,47 @@ func TestProgramsFanotifyCannotSee(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// Identifications are kept across a restart in the state folder, and
+// deleted with everything else when the person leaves.
+func TestIdentificationCacheAcrossRestarts(t *testing.T) {
+	testenv.NeedRoot(t)
+	dir := t.TempDir()
+	keepState := func(c *Config) { c.StateDir = filepath.Join(dir, "state") }
+	a := startAgentWith(t, ModeUser, "", keepState)
+	participateAndWatch(t, a)
+	prog, sum := tiny(t, t.TempDir(), "remembered", false)
+	runN(t, prog, 2)
+	waitExecs(t, a.queue, sum, 2, "the program before the restart")
+	a.stop()
+	a.stop = nil
+	cacheFile := filepath.Join(dir, "state", IdentifyCacheFile)
+	if b, err := os.ReadFile(cacheFile); err != nil || !strings.Contains(string(b), sum) {
+		t.Fatalf("the cache file does not hold the program after a stop (%v)", err)
+	}
+
+	b := startAgentWith(t, ModeUser, "", keepState)
+	deadline := time.Now().Add(20 * time.Second)
+	for b.ident.Stats().Loaded == 0 || b.Status().Agent.ExecSource == "" {
+		if time.Now().After(deadline) {
+			t.Fatalf("after the restart: identify %+v, status %+v", b.ident.Stats(), b.Status().Agent)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if _, err := b.client.SetParticipation(context.Background(), api.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(cacheFile); !os.IsNotExist(err) {
+		t.Errorf("the cache file is still there after leaving: %v", err)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "state", "*"))
+	raw, _ := hex.DecodeString(sum)
+	for _, f := range files {
+		if data, err := os.ReadFile(f); err == nil && (strings.Contains(string(data), sum) || strings.Contains(string(data), string(raw))) {
+			t.Errorf("%s still holds the hash of a program run before leaving", filepath.Base(f))
+		}
+	}
+	if s := b.ident.Stats(); s.Cached != 0 {
+		t.Errorf("identifications kept in memory after leaving: %+v", s)
+	}
+}

@@ -25,13 +25,10 @@ func keyOf(st *unix.Stat_t) Key {
 }
 
 // cacheEntry holds the facts of one file version, with the anonymised path
-// it was first seen under, and that path as the kernel gave it (kept only
-// when short: it tells, across restarts, which filesystem the entry came
-// from; see persist.go).
+// it was first seen under.
 type cacheEntry struct {
 	key   Key
 	facts Facts
-	raw   string
 	cost  int
 	ref   bool // CLOCK reference bit
 }
@@ -40,11 +37,14 @@ type cacheEntry struct {
 // slot in the index, the ELF facts.
 const entryOverhead = 320
 
-// maxRawPath bounds the raw path an entry keeps.
-const maxRawPath = 512
+// Bounds of the paths kept to find each device's filesystem at a save.
+const (
+	maxRawPath = 1024
+	maxDevs    = 256
+)
 
-func entryCost(f *Facts, raw string) int {
-	n := entryOverhead + len(f.SHA256) + len(f.Path) + len(f.Kind) + len(f.Interpreter) + len(raw)
+func entryCost(f *Facts) int {
+	n := entryOverhead + len(f.SHA256) + len(f.Path) + len(f.Kind) + len(f.Interpreter)
 	if f.ELF != nil {
 		n += len(f.ELF.Machine) + len(f.ELF.Type) + len(f.ELF.Interpreter) + len(f.ELF.BuildID) + len(f.ELF.Malformed)
 	}
@@ -64,10 +64,13 @@ type cache struct {
 	dirty    bool // changed since the last save
 	max      int
 	maxBytes int
+	// devPath holds a path (as the kernel gave it) on each device seen,
+	// to find its filesystem when the cache is saved.
+	devPath map[uint64]string
 }
 
 func newCache(max, maxBytes int) *cache {
-	return &cache{idx: make(map[Key]int, min(max, 1024)), max: max, maxBytes: maxBytes}
+	return &cache{idx: make(map[Key]int, min(max, 1024)), max: max, maxBytes: maxBytes, devPath: make(map[uint64]string)}
 }
 
 // get returns the facts of key, with the path it was first seen under.
@@ -82,16 +85,16 @@ func (c *cache) get(key Key) (Facts, bool) {
 	return c.ents[i].facts, true
 }
 
-// put stores the facts of key, seen under the raw path.
+// put stores the facts of key, seen under the raw path ("" if unknown).
 func (c *cache) put(key Key, f Facts, raw string) {
-	if len(raw) > maxRawPath {
-		raw = ""
-	}
-	e := cacheEntry{key: key, facts: f, raw: raw}
-	e.cost = entryCost(&f, raw)
+	e := cacheEntry{key: key, facts: f}
+	e.cost = entryCost(&f)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.dirty = true
+	if _, ok := c.devPath[key.dev]; !ok && raw != "" && len(raw) <= maxRawPath && len(c.devPath) < maxDevs {
+		c.devPath[key.dev] = raw
+	}
 	if i, ok := c.idx[key]; ok {
 		c.bytes += e.cost - c.ents[i].cost
 		c.ents[i] = e
@@ -125,6 +128,43 @@ func (c *cache) evictOne() {
 	}
 	c.ents[last] = cacheEntry{}
 	c.ents = c.ents[:last]
+}
+
+// snapshot copies the entries and the device paths, and whether anything
+// changed since the last snapshot; it marks the cache clean.
+func (c *cache) snapshot() ([]cacheEntry, map[uint64]string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	dirty := c.dirty
+	c.dirty = false
+	paths := make(map[uint64]string, len(c.devPath))
+	for d, p := range c.devPath {
+		paths[d] = p
+	}
+	return append([]cacheEntry(nil), c.ents...), paths, dirty
+}
+
+// markDirty says the cache must be saved again (a save failed).
+func (c *cache) markDirty() {
+	c.mu.Lock()
+	c.dirty = true
+	c.mu.Unlock()
+}
+
+// clean says the cache holds what is on disk (it was just loaded).
+func (c *cache) clean() {
+	c.mu.Lock()
+	c.dirty = false
+	c.mu.Unlock()
+}
+
+// reset empties the cache.
+func (c *cache) reset() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	clear(c.idx)
+	clear(c.devPath)
+	c.ents, c.hand, c.bytes, c.dirty = nil, 0, 0, false
 }
 
 // len returns the number of entries.

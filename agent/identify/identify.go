@@ -86,6 +86,9 @@ type Identifier struct {
 	hits, misses, deferred, background, refused atomic.Uint64
 	loaded                                      atomic.Int64
 
+	// persistMu serialises Load, Save and Forget.
+	persistMu sync.Mutex
+
 	afterRead func() // test hook: runs after each read of a file
 }
 

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/cloudprotect/cloudprotect/agent/internal/atomicfile"
 	berrors "go.etcd.io/bbolt/errors"
 
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -345,7 +347,7 @@ func (q *Queue) Purge() error {
 	var errs []error
 	aside, _ := filepath.Glob(q.path + ".corrupt-*")
 	for _, p := range append([]string{q.path}, aside...) {
-		if err := wipe(p); err != nil {
+		if err := atomicfile.Wipe(p); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -359,48 +361,6 @@ func (q *Queue) Purge() error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("purge queue: %w", err)
-	}
-	return nil
-}
-
-// wipe overwrites path with zeros, fsyncs it and removes it.
-func wipe(path string) error {
-	f, err := os.OpenFile(path, os.O_WRONLY, 0)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		// Removing needs no permission on the file itself, nor space.
-		if rerr := os.Remove(path); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
-			return fmt.Errorf("wipe %s: %w", path, err)
-		}
-		return nil
-	}
-	// Overwriting is the best effort: on a full disk the holes of a
-	// sparse file cannot be filled. The file is removed whatever happens,
-	// which needs no space, so the queue can start afresh.
-	var werr error
-	if st, err := f.Stat(); err != nil {
-		werr = err
-	} else {
-		zeros := make([]byte, 1<<20)
-		for off := int64(0); off < st.Size(); off += int64(len(zeros)) {
-			n := min(int64(len(zeros)), st.Size()-off)
-			if _, err := f.WriteAt(zeros[:n], off); err != nil {
-				werr = err
-				break
-			}
-		}
-		if werr == nil {
-			werr = f.Sync()
-		}
-	}
-	f.Close()
-	if err := os.Remove(path); err != nil {
-		return fmt.Errorf("wipe %s: %w", path, err)
-	}
-	if werr != nil {
-		return fmt.Errorf("wipe %s: removed without overwriting all of it: %w", path, werr)
 	}
 	return nil
 }
