@@ -9,16 +9,18 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultPollInterval is the period of the /proc polling source.
 const DefaultPollInterval = 2 * time.Second
 
 // ProcPoll lists /proc at a fixed interval and reports the executable of
-// every process it has not seen before (by PID and start time), once. It
-// needs no privilege and no kernel feature, and misses every program that
-// starts and exits between two scans, and a process that executes another
-// program without forking. Processes of other users are invisible without
+// every process it has not seen before (by PID and start time), and again
+// when the process executes another program. It needs no privilege and
+// no kernel feature, and misses every program that starts and exits
+// between two scans. Processes of other users are invisible without
 // root. The first scan reports the processes already running.
 type ProcPoll struct {
 	log        *slog.Logger
@@ -61,12 +63,16 @@ func (s *ProcPoll) Limited() (bool, string) {
 // Stats implements Source.
 func (s *ProcPoll) Stats() Stats { return s.c.stats() }
 
-// procKey identifies one process image: a PID is reused, its start time
-// (in clock ticks since boot) is not.
+// procKey identifies one process: a PID is reused, its start time (in
+// clock ticks since boot) is not.
 type procKey struct {
 	pid   int
 	start uint64
 }
+
+// exeID is the file a process executes; a process that executes another
+// program keeps its key and changes its exeID.
+type exeID struct{ dev, ino uint64 }
 
 // Serve implements Source.
 func (s *ProcPoll) Serve(ctx context.Context, out chan<- []Event) error {
@@ -78,7 +84,7 @@ func (s *ProcPoll) Serve(ctx context.Context, out chan<- []Event) error {
 
 	d := &deliverer{out: out, max: s.maxPending, c: &s.c, log: s.log}
 	defer d.discard()
-	seen := make(map[procKey]bool)
+	seen := make(map[procKey]exeID)
 	self := os.Getpid()
 	t := time.NewTicker(s.interval)
 	defer t.Stop()
@@ -97,15 +103,16 @@ func (s *ProcPoll) Serve(ctx context.Context, out chan<- []Event) error {
 	}
 }
 
-// scan reports the processes not in seen, and forgets those that ended.
-func (s *ProcPoll) scan(seen map[procKey]bool, self int, d *deliverer) {
+// scan reports the processes not in seen, or executing another program
+// than when last seen, and forgets those that ended.
+func (s *ProcPoll) scan(seen map[procKey]exeID, self int, d *deliverer) {
 	ents, err := os.ReadDir(s.proc)
 	if err != nil {
 		s.log.Warn("cannot list processes", "err", err)
 		return
 	}
 	now := time.Now()
-	alive := make(map[procKey]bool, len(seen))
+	alive := make(map[procKey]exeID, len(seen))
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid == self {
@@ -116,8 +123,13 @@ func (s *ProcPoll) scan(seen map[procKey]bool, self int, d *deliverer) {
 			continue
 		}
 		k := procKey{pid, start}
-		alive[k] = true
-		if seen[k] {
+		var st unix.Stat_t
+		var id exeID
+		if unix.Stat(s.proc+"/"+strconv.Itoa(pid)+"/exe", &st) == nil {
+			id = exeID{uint64(st.Dev), st.Ino}
+		}
+		alive[k] = id
+		if prev, ok := seen[k]; ok && prev == id {
 			continue
 		}
 		if ev, ok := procExe(int32(pid), now); ok {
@@ -127,8 +139,8 @@ func (s *ProcPoll) scan(seen map[procKey]bool, self int, d *deliverer) {
 		// executable to report; it is remembered all the same.
 	}
 	clear(seen)
-	for k := range alive {
-		seen[k] = true
+	for k, id := range alive {
+		seen[k] = id
 	}
 }
 
