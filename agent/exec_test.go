@@ -264,8 +264,10 @@ func TestProgramsFanotifyCannotSee(t *testing.T) {
 	nsQuick, nsQuickSum := tiny(t, work, "ns-quick", false)
 	a := startAgent(t, ModeUser, "")
 	participateAndWatch(t, a)
-	if st := a.Status(); st.Agent.ExecSource != "fanotify" || st.Agent.Limited {
-		t.Fatalf("status = %+v, want fanotify, not limited", st.Agent)
+	// Other programs on this machine may have been missed already (the
+	// agent watches them all); the connector must be there.
+	if st := a.Status(); st.Agent.ExecSource != "fanotify" || strings.Contains(st.Agent.LimitedReason, "are not seen") {
+		t.Fatalf("status = %+v, want fanotify with the process events connector", st.Agent)
 	}
 
 	memfdExec(t, sleeper)
@@ -283,17 +285,18 @@ func TestProgramsFanotifyCannotSee(t *testing.T) {
 	waitExecs(t, a.queue, nsSleeperSum, 1, "the program in another mount namespace")
 	waitExecs(t, a.queue, nsQuickSum, 1, "the next program on that filesystem, seen by fanotify")
 
+	missedBefore := a.Status().Agent.EventsMissed
 	memfdExec(t, quick)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		st := a.Status()
 		recorded := storedExecs(t, a.queue)[quickSum]
-		if recorded == 1 && st.Agent.EventsMissed == 0 {
+		if recorded == 1 {
 			t.Log("the short program run from memory was recorded")
 			break
 		}
-		if recorded == 0 && st.Agent.EventsMissed == 1 {
-			if !st.Agent.Limited || !strings.Contains(st.Agent.LimitedReason, "1 executions were seen but not identified") {
+		if st.Agent.EventsMissed > missedBefore {
+			if !st.Agent.Limited || !strings.Contains(st.Agent.LimitedReason, "executions were seen but not identified") {
 				t.Errorf("a missed execution, but status %+v", st.Agent)
 			}
 			t.Log("the short program run from memory was counted as missed")

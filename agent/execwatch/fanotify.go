@@ -128,12 +128,6 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 		return fmt.Errorf("open mountinfo: %w", err)
 	}
 	defer unix.Close(mfd)
-	w, err := newWaker(ctx)
-	if err != nil {
-		return err
-	}
-	defer w.close()
-
 	marked := make(map[string]string)
 	if s.mark(fd, marked) == 0 {
 		return fmt.Errorf("mark filesystems: %w", errNoMarks)
@@ -171,13 +165,38 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 	s.log.Info("watching executions", "filesystems", len(marked), "connector", conn != nil)
 	s.once.Do(func() { close(s.ready) })
 
-	fds := []unix.PollFd{
-		{Fd: int32(w.fd), Events: unix.POLLIN},
-		{Fd: int32(fd), Events: unix.POLLIN},
-		{Fd: int32(mfd), Events: unix.POLLPRI},
+	// Mount changes: /proc/self/mountinfo reports them to poll(2) once
+	// (polling consumes the change, so it cannot sit in the epoll
+	// instance, which polls twice); a goroutine waits for them.
+	mctx, stopMounts := context.WithCancel(ctx)
+	defer stopMounts()
+	w, err := newWaker(mctx)
+	if err != nil {
+		return err
 	}
+	defer w.close()
+	mounts := make(chan struct{})
+	go func() {
+		defer close(mounts)
+		s.watchMounts(w, mfd, fd, marked)
+	}()
+	defer func() {
+		stopMounts()
+		<-mounts
+	}()
+	rd, err := newReadiness(ctx)
+	if err != nil {
+		return err
+	}
+	defer rd.close()
+	armedFDs := []int{fd}
 	if conn != nil {
-		fds = append(fds, unix.PollFd{Fd: int32(conn.fd), Events: unix.POLLIN})
+		armedFDs = append(armedFDs, conn.fd)
+	}
+	for _, x := range armedFDs {
+		if err := rd.add(x, unix.EPOLLIN); err != nil {
+			return err
+		}
 	}
 	buf := make([]byte, readBufSize)
 	win := adaptive{max: s.window}
@@ -208,33 +227,58 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 		}
 		return nil
 	}
+	// fanArmed says whether fanotify's descriptor waits to fire: not while
+	// the consumer is behind and the pending batch is full (the kernel
+	// keeps the events meanwhile).
+	fanArmed := true
 	for {
 		d.flush()
-		// While the consumer is behind and the pending batch is full, the
-		// kernel keeps the events.
-		fds[1].Fd = int32(fd)
+		if !fanArmed && d.room() > 0 {
+			if err := rd.rearm(fd); err != nil {
+				d.discard()
+				return err
+			}
+			fanArmed = true
+		}
 		timeout := time.Duration(-1)
 		if d.hasPending() {
 			timeout = retryDelay(s.window)
-			if d.room() <= 0 {
-				fds[1].Fd = -1
-			}
 		}
-		if _, err := pollFor(fds, timeout); err != nil {
+		fired, cancelled, err := rd.wait(ctx, timeout)
+		if err != nil {
 			d.discard()
 			return err
 		}
-		cancelled := fds[0].Revents != 0
-		if fds[2].Revents&(unix.POLLPRI|unix.POLLERR) != 0 {
-			s.remark(fd, marked)
+		events := false
+		for _, f := range fired {
+			events = events || int(f) == fd || (conn != nil && int(f) == conn.fd)
 		}
-		events := fds[1].Revents != 0 || (len(fds) > 3 && fds[3].Revents != 0)
+		if events {
+			// Nothing wakes anyone while the batch gathers and is read:
+			// what fired is disarmed by the kernel, the rest here.
+			fanArmed = false
+			for _, x := range armedFDs {
+				if err := rd.disarm(x); err != nil {
+					d.discard()
+					return err
+				}
+			}
+		}
 		if !cancelled && events {
 			cancelled = sleepCtx(ctx, win.window(time.Now()))
 		}
 		if err := read(); err != nil {
 			d.discard()
 			return err
+		}
+		// Armed again only now: what arrived while the batch gathered
+		// was read above, without waking anyone. Fanotify's descriptor
+		// is armed at the top of the loop, when the consumer has room.
+		if events && conn != nil {
+			if err := rd.rearm(conn.fd); err != nil {
+				d.discard()
+				return err
+			}
 		}
 		if cancelled {
 			// Deliver what the kernel reported up to now, waiting for the
@@ -252,6 +296,27 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 			}
 			d.deliver()
 			return ctx.Err()
+		}
+	}
+}
+
+// watchMounts marks the filesystems mounted later, until the waker
+// fires.
+func (s *Fanotify) watchMounts(w *waker, mfd, fd int, marked map[string]string) {
+	fds := []unix.PollFd{
+		{Fd: int32(w.fd), Events: unix.POLLIN},
+		{Fd: int32(mfd), Events: unix.POLLPRI},
+	}
+	for {
+		if _, err := pollFor(fds, -1); err != nil {
+			s.log.Warn("cannot watch mounts", "err", err)
+			return
+		}
+		if fds[0].Revents != 0 {
+			return
+		}
+		if fds[1].Revents&(unix.POLLPRI|unix.POLLERR) != 0 {
+			s.remark(fd, marked)
 		}
 	}
 }

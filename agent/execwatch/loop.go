@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"strconv"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -219,4 +221,129 @@ func orDiscard(l *slog.Logger) *slog.Logger {
 		return slog.New(slog.DiscardHandler)
 	}
 	return l
+}
+
+// readiness waits for kernel descriptors without a thread blocked in a
+// system call: the descriptors sit in an epoll instance of their own,
+// armed one-shot, and that instance sits in the Go runtime's poller. A
+// descriptor that fired stays quiet until it is armed again, so events
+// that arrive while a batch gathers or is read wake nobody.
+type readiness struct {
+	f    *os.File // the epoll instance
+	rc   syscall.RawConn
+	evs  []unix.EpollEvent
+	arm  map[int32]uint32 // descriptor → events to arm it for
+	// registered lists the descriptors; off those taken out by disarm.
+	registered []int32
+	off        map[int32]bool
+	stop       func() bool
+}
+
+// newReadiness makes an epoll instance whose waits end when ctx is
+// cancelled.
+func newReadiness(ctx context.Context) (*readiness, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("create epoll: %w", err)
+	}
+	if err := unix.SetNonblock(epfd, true); err != nil {
+		unix.Close(epfd)
+		return nil, fmt.Errorf("create epoll: %w", err)
+	}
+	f := os.NewFile(uintptr(epfd), "epoll")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("create epoll: %w", err)
+	}
+	r := &readiness{f: f, rc: rc, evs: make([]unix.EpollEvent, 8), arm: make(map[int32]uint32), off: make(map[int32]bool)}
+	r.stop = context.AfterFunc(ctx, func() { f.SetReadDeadline(time.Unix(1, 0)) })
+	return r, nil
+}
+
+// add watches fd for events (EPOLLIN), armed.
+func (r *readiness) add(fd int, events uint32) error {
+	r.arm[int32(fd)] = events
+	r.registered = append(r.registered, int32(fd))
+	return r.ctl(unix.EPOLL_CTL_ADD, fd, events|unix.EPOLLONESHOT)
+}
+
+// rearm arms fd again after it fired or was disarmed.
+func (r *readiness) rearm(fd int) error {
+	if r.off[int32(fd)] {
+		delete(r.off, int32(fd))
+		return r.ctl(unix.EPOLL_CTL_ADD, fd, r.arm[int32(fd)]|unix.EPOLLONESHOT)
+	}
+	return r.ctl(unix.EPOLL_CTL_MOD, fd, r.arm[int32(fd)]|unix.EPOLLONESHOT)
+}
+
+// disarm keeps fd from waking anyone until it is armed again. It takes
+// fd out of the epoll instance: a descriptor modified to wait for no
+// event still wakes the instance for every event whose wake-up carries
+// no event mask (fanotify's), since the kernel always adds EPOLLERR and
+// EPOLLHUP; one that fired one-shot does not, but the others may not
+// have fired.
+func (r *readiness) disarm(fd int) error {
+	if r.off[int32(fd)] {
+		return nil
+	}
+	r.off[int32(fd)] = true
+	return r.ctl(unix.EPOLL_CTL_DEL, fd, 0)
+}
+
+func (r *readiness) ctl(op, fd int, events uint32) error {
+	var err error
+	cerr := r.rc.Control(func(epfd uintptr) {
+		ev := unix.EpollEvent{Events: events, Fd: int32(fd)}
+		err = unix.EpollCtl(int(epfd), op, fd, &ev)
+	})
+	if err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("watch descriptor: %w", err)
+	}
+	return nil
+}
+
+// wait parks until an armed descriptor fires, ctx is cancelled, or
+// timeout passes (negative: no timeout), and returns the descriptors that
+// fired. It reports cancelled when ctx is done.
+func (r *readiness) wait(ctx context.Context, timeout time.Duration) (fired []int32, cancelled bool, err error) {
+	var deadline time.Time
+	if timeout >= 0 {
+		deadline = time.Now().Add(timeout)
+	}
+	r.f.SetReadDeadline(deadline)
+	if ctx.Err() != nil {
+		return nil, true, nil
+	}
+	n := 0
+	var werr error
+	rerr := r.rc.Read(func(epfd uintptr) bool {
+		n, werr = unix.EpollWait(int(epfd), r.evs, 0)
+		if werr == unix.EINTR {
+			n, werr = 0, nil
+		}
+		return n > 0 || werr != nil
+	})
+	if ctx.Err() != nil {
+		return nil, true, nil
+	}
+	if rerr != nil && !errors.Is(rerr, os.ErrDeadlineExceeded) {
+		return nil, false, fmt.Errorf("wait for events: %w", rerr)
+	}
+	if werr != nil {
+		return nil, false, fmt.Errorf("wait for events: %w", werr)
+	}
+	for _, ev := range r.evs[:n] {
+		fired = append(fired, ev.Fd)
+	}
+	return fired, false, nil
+}
+
+// close releases the epoll instance.
+func (r *readiness) close() {
+	r.stop()
+	r.f.Close()
 }
