@@ -229,10 +229,10 @@ func orDiscard(l *slog.Logger) *slog.Logger {
 // descriptor that fired stays quiet until it is armed again, so events
 // that arrive while a batch gathers or is read wake nobody.
 type readiness struct {
-	f    *os.File // the epoll instance
-	rc   syscall.RawConn
-	evs  []unix.EpollEvent
-	arm  map[int32]uint32 // descriptor → events to arm it for
+	f   *os.File // the epoll instance
+	rc  syscall.RawConn
+	evs []unix.EpollEvent
+	arm map[int32]uint32 // descriptor → events to arm it for
 	// registered lists the descriptors; off those taken out by disarm.
 	registered []int32
 	off        map[int32]bool
