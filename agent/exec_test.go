@@ -24,7 +24,7 @@ import (
 )
 
 // sha256File returns the hex SHA-256 of a file.
-func sha256File(t *testing.T, path string) string {
+func sha256File(t testing.TB, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
