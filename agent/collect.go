@@ -75,9 +75,11 @@ type collector struct {
 	cur *epoch
 	// chainAt is where the next epoch starts in the chain of sources.
 	chainAt int
-	// failed is why the last epoch failed (its source stopped working);
-	// it is the status's reason while a lesser source runs.
-	failed error
+	// failed is why the last epoch failed; it is the status's reason
+	// while a lesser source runs. sourceFailed says it was the exec
+	// source (rather than the watcher of download folders).
+	failed       error
+	sourceFailed bool
 	// skipped says which better sources could not run in this epoch.
 	skipped []string
 	// done accumulates the counters of finished epochs.
@@ -179,10 +181,11 @@ func (c *collector) runEpoch(ctx context.Context, changed <-chan struct{}, waiti
 
 	var wg sync.WaitGroup
 	srcErr := make(chan error, 2)
+	loadedErr := make(chan error, 1)
 	serve := func(s execwatch.Source) {
 		wg.Go(func() {
 			if err := s.Serve(ectx, out); err != nil && ectx.Err() == nil {
-				srcErr <- fmt.Errorf("the %s source stopped: %w", s.Name(), err)
+				loadedErr <- fmt.Errorf("the watcher of download folders stopped: %w", err)
 			}
 		})
 	}
@@ -236,8 +239,16 @@ func (c *collector) runEpoch(ctx context.Context, changed <-chan struct{}, waiti
 			c.log.Error("exec source failed; collection restarts with the next source", "err", err)
 			stop(errStopping)
 			c.mu.Lock()
-			c.failed = err
+			c.failed, c.sourceFailed = err, true
 			c.chainAt = min(c.chainAt+1, len(chain)-1)
+			c.mu.Unlock()
+			return err
+		case err := <-loadedErr:
+			// The exec source is fine: the next epoch starts with it again.
+			c.log.Error("collection restarts", "err", err)
+			stop(errStopping)
+			c.mu.Lock()
+			c.failed, c.sourceFailed = err, false
 			c.mu.Unlock()
 			return err
 		case err := <-pipeDone:
@@ -364,8 +375,11 @@ func (c *collector) status() collectionStatus {
 			st.reasons = append(st.reasons, fmt.Sprintf("better sources cannot run here (%s)", strings.Join(c.skipped, "; ")))
 		}
 	}
-	if c.failed != nil {
+	switch {
+	case c.failed != nil && c.sourceFailed:
 		st.reasons = append(st.reasons, fmt.Sprintf("%v, so the %s source is used", c.failed, st.source))
+	case c.failed != nil:
+		st.reasons = append(st.reasons, fmt.Sprintf("%v; it was started again", c.failed))
 	}
 	if st.stats.missed > 0 {
 		st.reasons = append(st.reasons, fmt.Sprintf("%d executions were seen but not identified: programs run from memory or from a filesystem of another mount namespace that ended before the agent could look", st.stats.missed))

@@ -92,6 +92,27 @@ func kernelWatchFDs(t *testing.T) (fanotify, netlink int) {
 	return fanotify, netlink
 }
 
+// mustQueue reads the queue; an error fails the test, so that a check
+// that nothing is queued cannot pass on a failed read.
+func mustQueue(t *testing.T, c *localapi.Client) api.QueuePreview {
+	t.Helper()
+	q, err := c.Queue(context.Background())
+	if err != nil {
+		t.Fatalf("read the queue: %v", err)
+	}
+	return q
+}
+
+// mustStatus reads the status; an error fails the test.
+func mustStatus(t *testing.T, c *localapi.Client) api.Status {
+	t.Helper()
+	st, err := c.Status(context.Background())
+	if err != nil {
+		t.Fatalf("read the status: %v", err)
+	}
+	return st
+}
+
 func runN(t *testing.T, path string, n int) {
 	t.Helper()
 	for i := 0; i < n; i++ {
@@ -115,7 +136,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 	// watch is open.
 	prog, _ := uniqueProgram(t, work, "before")
 	runN(t, prog, 3)
-	if q, _ := a.client.Queue(ctx); len(q.Records) != 0 {
+	if q := mustQueue(t, a.client); len(q.Records) != 0 {
 		t.Fatalf("queued while undecided: %+v", q)
 	}
 	if fa, nl := kernelWatchFDs(t); fa != 0 || nl != 0 {
@@ -125,7 +146,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
-	st, _ := a.client.Status(ctx)
+	st := mustStatus(t, a.client)
 	if st.Agent.ExecSource != "fanotify" {
 		t.Fatalf("exec source = %q, want fanotify as root", st.Agent.ExecSource)
 	}
@@ -160,7 +181,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: false, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
-	st, _ = a.client.Status(ctx)
+	st = mustStatus(t, a.client)
 	if st.Queue.Pending != 0 || st.Queue.Records != 0 || st.Agent.ExecSource != "" {
 		t.Errorf("after leaving: queue %+v, source %q", st.Queue, st.Agent.ExecSource)
 	}
@@ -174,7 +195,7 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 	if _, err := a.client.SetParticipation(ctx, api.ParticipationRequest{Participate: true, StatementVersion: consent.StatementVersion, Via: "cli"}); err != nil {
 		t.Fatal(err)
 	}
-	seen := func() uint64 { st, _ := a.client.Status(ctx); return st.Agent.EventsSeen }
+	seen := func() uint64 { return mustStatus(t, a.client).Agent.EventsSeen }
 	before := seen()
 	quick, _ := uniqueProgram(t, work, "quick")
 	runN(t, quick, 1)
@@ -186,14 +207,14 @@ func TestCollectsExecutedAndLoadedPrograms(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(1500 * time.Millisecond) // past the queue's one-second commit
-	if q, _ := a.client.Queue(ctx); len(q.Records) != 0 {
+	if q := mustQueue(t, a.client); len(q.Records) != 0 {
 		t.Errorf("a record buffered at the moment of leaving was kept: %d records", len(q.Records))
 	}
 
 	dl2, _ := uniqueProgram(t, downloads, "tool2")
 	os.Chmod(dl2, 0o755)
 	time.Sleep(time.Second) // longer than the loaded watcher's quiet time
-	if q, _ := a.client.Queue(ctx); len(q.Records) != 0 {
+	if q := mustQueue(t, a.client); len(q.Records) != 0 {
 		t.Errorf("queued after leaving: %d records", len(q.Records))
 	}
 }

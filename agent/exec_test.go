@@ -341,10 +341,20 @@ func TestIdentificationCacheAcrossRestarts(t *testing.T) {
 	if _, err := os.Stat(cacheFile); !os.IsNotExist(err) {
 		t.Errorf("the cache file is still there after leaving: %v", err)
 	}
-	files, _ := filepath.Glob(filepath.Join(dir, "state", "*"))
-	raw, _ := hex.DecodeString(sum)
+	files, err := filepath.Glob(filepath.Join(dir, "state", "*"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("list the state folder: %v %v", files, err)
+	}
+	raw, err := hex.DecodeString(sum)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, f := range files {
-		if data, err := os.ReadFile(f); err == nil && (strings.Contains(string(data), sum) || strings.Contains(string(data), string(raw))) {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatalf("read %s: %v", f, err)
+		}
+		if strings.Contains(string(data), sum) || strings.Contains(string(data), string(raw)) {
 			t.Errorf("%s still holds the hash of a program run before leaving", filepath.Base(f))
 		}
 	}

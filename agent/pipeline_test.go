@@ -92,6 +92,8 @@ type harness struct {
 	q   *queue.Queue
 	rep *fakeChecker
 
+	rnd *rand.Rand // the programs' contents; its seed is logged
+
 	mu    sync.Mutex // protects built
 	built []*fakeSource
 	// make builds the sources of the chain, by position.
@@ -110,7 +112,9 @@ func newHarness(t *testing.T, chain ...func() *fakeSource) *harness {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { q.Close() })
-	h := &harness{t: t, dir: dir, cm: cm, q: q, rep: &fakeChecker{}, make: chain}
+	seed := rand.Uint64()
+	t.Logf("random seed %d", seed)
+	h := &harness{t: t, dir: dir, cm: cm, q: q, rep: &fakeChecker{}, make: chain, rnd: rand.New(rand.NewPCG(seed, seed))}
 	h.c = newCollector(collectorDeps{
 		log:     testLogger(t),
 		consent: cm,
@@ -166,7 +170,7 @@ func (h *harness) program(name string, n int) string {
 	h.t.Helper()
 	b := make([]byte, n)
 	for i := range b {
-		b[i] = byte(rand.Uint32())
+		b[i] = byte(h.rnd.Uint32())
 	}
 	copy(b, "#!/bin/sh\n")
 	p := filepath.Join(h.dir, name)
