@@ -106,7 +106,7 @@ func TestLoadedFoldersReadWithTheirOwnersRights(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, r := range q.Batch.Records {
+	for _, r := range q.Records {
 		if what, ok := secrets[r.SHA256]; ok {
 			t.Errorf("the agent hashed and queued %s: %s", what, r.Path)
 		}
