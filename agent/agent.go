@@ -33,6 +33,12 @@ import (
 // Version is the agent's version (package version, set at build time).
 var Version = version.Version
 
+// MemoryLimit is the soft memory limit cloudprotectd gives the Go runtime
+// (runtime/debug.SetMemoryLimit) unless GOMEMLIMIT says otherwise: the
+// garbage collector works harder as the heap nears it, so the peak
+// resident memory stays near what the agent really holds.
+const MemoryLimit = 28 << 20
+
 // queueFile is the queue's file in the state folder.
 const queueFile = "queue.db"
 

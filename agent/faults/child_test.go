@@ -23,6 +23,9 @@ import (
 //	hold:N       open N connections, every other one an event stream
 //	             that is never read; print "opened N", then hold them
 //	             until stdin is closed
+//	ask:N:PATH   open N connections, send GET PATH on each and never
+//	             read; print "opened N", then hold them until stdin is
+//	             closed
 //	alerts       print the SHA-256 of each alert this user may see, then
 //	             "alerts N"
 //	queue        ask for the queue's contents; print "code=N"
@@ -68,6 +71,25 @@ func child(op, socket string) int {
 				// The write may fail once the agent closed the connection.
 				conn.Write([]byte("GET /v1/events HTTP/1.1\r\nHost: agent\r\n\r\n"))
 			}
+			conns = append(conns, conn)
+		}
+		fmt.Printf("opened %d\n", len(conns))
+		io.Copy(io.Discard, os.Stdin)
+		for _, conn := range conns {
+			conn.Close()
+		}
+		return 0
+	case strings.HasPrefix(op, "ask:"):
+		nStr, path, _ := strings.Cut(strings.TrimPrefix(op, "ask:"), ":")
+		n, _ := strconv.Atoi(nStr)
+		var conns []net.Conn
+		for range n {
+			conn, err := net.Dial("unix", socket)
+			if err != nil {
+				break
+			}
+			conn.(*net.UnixConn).SetReadBuffer(1024)
+			conn.Write([]byte("GET " + path + " HTTP/1.1\r\nHost: agent\r\n\r\n"))
 			conns = append(conns, conn)
 		}
 		fmt.Printf("opened %d\n", len(conns))

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	rtdebug "runtime/debug"
 	"syscall"
 
 	"github.com/cloudprotect/cloudprotect/agent"
@@ -69,6 +70,11 @@ func main() {
 	if err != nil {
 		fail(err, "the state folder and the socket's folder must be this user's own, and writable; "+
 			"a folder that belongs to someone else is refused: remove it, or choose another with --state-dir, --socket or XDG_RUNTIME_DIR")
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// The agent's memory is bounded by design; a soft limit makes the
+		// garbage collector keep its peak close to what it uses.
+		rtdebug.SetMemoryLimit(agent.MemoryLimit)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
