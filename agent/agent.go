@@ -73,7 +73,11 @@ type Config struct {
 	// process set it: a permission group must live in a process that a
 	// watchdog can kill (see docs/SECURITY.md).
 	NoBlocking bool
-	Logger     *slog.Logger
+	// ProtectPaths, when set, limits blocking to the filesystems holding
+	// these folders (tests mark a private tmpfs); by default every local
+	// filesystem is checked.
+	ProtectPaths []string
+	Logger       *slog.Logger
 }
 
 // IdentifyCacheFile is the file in the state folder where the facts of

@@ -30,12 +30,14 @@ import (
 // Blocking at exec, end to end: the real cloudprotectd and the real
 // reference cloud on loopback, as root.
 //
-// The agent here marks the machine's real filesystems with a permission
-// group, so it never runs inside the test process: it is a child that
-// the test stops at the end and kills with SIGKILL at a hard deadline
-// (protectWatchdog), after which the kernel allows whatever it held. The
-// tests keep the time an agent holds executions short; the programs they
-// run are their own, in a fresh folder.
+// The agent holds executions with a permission group, so it never runs
+// inside the test process: it is a child that the test stops at the end
+// and kills with SIGKILL at a hard deadline (protectWatchdog), after which
+// the kernel allows whatever it held. The tests whose agent holds
+// executions for long (a slow, stalled or absent cloud) check only a
+// private tmpfs (--protect-only), so programs that other tests run on the
+// machine meanwhile are not held; the others cover the real filesystems,
+// with a cloud that answers at once.
 //
 // Timing checks are the product's contract (deadlines), with bounds
 // generous enough for a loaded 2-core machine: a lower bound proves an
@@ -206,7 +208,7 @@ type protectingAgent struct {
 
 // startProtectingAgent runs the agent in user mode (as root, so with
 // fanotify) against server, with policy (JSON, "" for none).
-func startProtectingAgent(t testing.TB, bin, server, policy string) *protectingAgent {
+func startProtectingAgent(t testing.TB, bin, server, policy string, args ...string) *protectingAgent {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "cloudprotect-protect-e2e-")
 	if err != nil {
@@ -222,6 +224,7 @@ func startProtectingAgent(t testing.TB, bin, server, policy string) *protectingA
 	ctx, cancel := context.WithTimeout(context.Background(), protectWatchdog)
 	cmd := exec.CommandContext(ctx, bin, "--user", "--state-dir", filepath.Join(dir, "state"), "--socket", sock,
 		"--policy", filepath.Join(dir, "policy.json"), "--server", server)
+	cmd.Args = append(cmd.Args, args...)
 	a := &protectingAgent{cmd: cmd, socket: sock, log: &bytes.Buffer{}, exited: make(chan struct{})}
 	cmd.Stderr = a.log
 	if err := cmd.Start(); err != nil {
@@ -315,6 +318,23 @@ func (a *protectingAgent) fanotifyGroups(t *testing.T) int {
 	return n
 }
 
+// privateTmpfs mounts a tmpfs for one test, removed when it ends. Tests
+// whose agent holds executions for long check only this filesystem
+// (cloudprotectd --protect-only), so that programs other tests run on the
+// machine meanwhile are not held with them.
+func privateTmpfs(t testing.TB) string {
+	t.Helper()
+	mnt := filepath.Join(t.TempDir(), "fs")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mount("tmpfs", mnt, "tmpfs", syscall.MS_NOSUID|syscall.MS_NODEV, "size=64m,mode=0755"); err != nil {
+		testenv.Unavailable(t, "cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+	return mnt
+}
+
 // timedRun executes path and says how long until it finished.
 func timedRun(path string) (time.Duration, error) {
 	t0 := time.Now()
@@ -393,10 +413,11 @@ func TestProtectBlocksMaliciousEndToEnd(t *testing.T) {
 func TestProtectHoldsUnfamiliarUntilCloudAnswers(t *testing.T) {
 	daemon, _ := protectBinaries(t)
 	cloud := startTestCloud(t, cloudOpts{lookupDelay: 400 * time.Millisecond})
-	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`)
+	fs := privateTmpfs(t)
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`, "--protect-only", fs)
 	a.participate(t)
 	a.active(t)
-	p, _ := uniqueProgram(t, t.TempDir(), "setup.bin")
+	p, _ := uniqueProgram(t, fs, "setup.bin")
 	d, err := timedRun(p)
 	if err != nil {
 		t.Fatal(err)
@@ -414,10 +435,10 @@ func TestProtectHoldsUnfamiliarUntilCloudAnswers(t *testing.T) {
 func TestProtectSlowCloudRunsAtDeadline(t *testing.T) {
 	daemon, _ := protectBinaries(t)
 	cloud := startTestCloud(t, cloudOpts{lookupDelay: 10 * time.Second})
-	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 1500}`)
+	dir := privateTmpfs(t)
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 1500}`, "--protect-only", dir)
 	a.participate(t)
 	a.active(t)
-	dir := t.TempDir()
 	p1, _ := uniqueProgram(t, dir, "first")
 	p2, _ := uniqueProgram(t, dir, "second")
 	d, err := timedRun(p1)
@@ -440,10 +461,10 @@ func TestProtectSlowCloudRunsAtDeadline(t *testing.T) {
 // The cloud down: programs run at once, later ones too.
 func TestProtectCloudDownRunsAtOnce(t *testing.T) {
 	daemon, _ := protectBinaries(t)
-	a := startProtectingAgent(t, daemon, "http://127.0.0.1:1", "")
+	dir := privateTmpfs(t)
+	a := startProtectingAgent(t, daemon, "http://127.0.0.1:1", "", "--protect-only", dir)
 	a.participate(t)
 	a.active(t)
-	dir := t.TempDir()
 	for _, name := range []string{"one", "two", "three"} {
 		p, _ := uniqueProgram(t, dir, name)
 		d, err := timedRun(p)
@@ -462,10 +483,11 @@ func TestProtectCloudDownRunsAtOnce(t *testing.T) {
 func TestProtectAgentKilledReleasesExecution(t *testing.T) {
 	daemon, _ := protectBinaries(t)
 	cloud := startTestCloud(t, cloudOpts{lookupDelay: time.Minute})
-	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`)
+	fs := privateTmpfs(t)
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`, "--protect-only", fs)
 	a.participate(t)
 	a.active(t)
-	p, _ := uniqueProgram(t, t.TempDir(), "held")
+	p, _ := uniqueProgram(t, fs, "held")
 	type result struct {
 		at  time.Time
 		err error

@@ -46,6 +46,7 @@ func (a *Agent) newProtection() (*protection, error) {
 		Exceptions: x,
 		Report:     a.blocked,
 		FirstSight: a.consent.View().FirstSightTimeout,
+		Paths:      a.cfg.ProtectPaths,
 		Logger:     a.log,
 	})
 	if err != nil {

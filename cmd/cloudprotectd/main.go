@@ -28,6 +28,7 @@ func main() {
 	policy := fs.String("policy", "", "administrator's policy file (default /etc/cloudprotect/policy.json)")
 	server := fs.String("server", "", "Security Network URL: https://host, or a server on this computer (see SECURITY.md); the policy's server wins. Without one, nothing is sent")
 	execSource := fs.String("exec-source", "", "force an exec source: fanotify, fanotify-unprivileged, proc-connector, proc-poll")
+	protectOnly := fs.String("protect-only", "", "check programs before they run only on the filesystem holding this folder (tests, diagnosis; default: every local filesystem)")
 	debug := fs.Bool("debug", false, "log debug messages")
 	showVersion := fs.Bool("version", false, "print the version")
 	if code := parseArgs(fs, os.Args[1:], os.Stdout, os.Stderr); code >= 0 {
@@ -54,6 +55,9 @@ func main() {
 	cfg := agent.DefaultConfig(mode)
 	cfg.Logger = log
 	cfg.ExecSource = *execSource
+	if *protectOnly != "" {
+		cfg.ProtectPaths = []string{*protectOnly}
+	}
 	for _, f := range []struct {
 		dst *string
 		v   string
