@@ -36,8 +36,8 @@ import (
 // the kernel allows whatever it held. The tests whose agent holds
 // executions for long (a slow, stalled or absent cloud) check only a
 // private tmpfs (--protect-only), so programs that other tests run on the
-// machine meanwhile are not held; the others cover the real filesystems,
-// with a cloud that answers at once.
+// machine meanwhile are not held; TestProtectGroupOnlyWhileParticipating
+// covers the real filesystems, with a cloud that refuses at once.
 //
 // Timing checks are the product's contract (deadlines), with bounds
 // generous enough for a loaded 2-core machine: a lower bound proves an
@@ -346,11 +346,13 @@ func timedRun(path string) (time.Duration, error) {
 // comes on the event stream; `cloudprotect allow` lets it run.
 func TestProtectBlocksMaliciousEndToEnd(t *testing.T) {
 	daemon, cli := protectBinaries(t)
-	downloads := filepath.Join(t.TempDir(), "Downloads")
+	fs := privateTmpfs(t)
+	downloads := filepath.Join(fs, "Downloads")
 	os.Mkdir(downloads, 0o755)
 	bad, sum := uniqueProgram(t, downloads, "invoice-viewer")
 	cloud := startTestCloud(t, cloudOpts{malicious: []string{sum}})
-	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`) // ample time for a loaded machine
+	// Ample time for a loaded machine's lookups.
+	a := startProtectingAgent(t, daemon, cloud.URL, `{"first_sight_timeout_ms": 10000}`, "--protect-only", fs)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	blocks := make(chan api.Alert, 8)
@@ -570,6 +572,15 @@ func TestProtectGroupOnlyWhileParticipating(t *testing.T) {
 	a.active(t)
 	if n := a.fanotifyGroups(t); n != 2 {
 		t.Errorf("participating: %d fanotify groups; want 2 (exec source and permission group)", n)
+	}
+	// On the machine's own filesystems, with the cloud unreachable, an
+	// unfamiliar program runs at once.
+	p, _ := uniqueProgram(t, t.TempDir(), "on-root-fs")
+	if d, err := timedRun(p); err != nil || d >= time.Second {
+		t.Errorf("program on the root filesystem: %v after %v; want it to run at once", err, d)
+	}
+	if st := a.waitStatus(t, "decided", func(api.Status) bool { return true }); st.Protection.Held == 0 {
+		t.Errorf("the program was not checked: %+v", st.Protection)
 	}
 	a.leave(t)
 	a.waitStatus(t, "blocking off", func(st api.Status) bool { return !st.Protection.Active })
