@@ -118,7 +118,12 @@ func RecordConsent(ctx context.Context, l Layout, participate bool, uid int) (Re
 		return Recorded{}, fmt.Errorf("record participation through the agent: %w", err)
 	}
 	// The agent creates its state folder readable by root alone.
-	if err := mkdirs(l.Root, path.Dir(StateDir)); err != nil {
+	created, err := mkdirs(l.Root, path.Dir(StateDir))
+	if _, serr := os.Stat(l.OnDisk(path.Dir(l.FoldersRecord()))); err == nil && serr == nil && len(created) > 0 {
+		// Installed here: uninstall removes these folders too.
+		err = recordFolders(l, created)
+	}
+	if err != nil {
 		return Recorded{}, fmt.Errorf("record participation: %w", err)
 	}
 	if err := os.Mkdir(l.OnDisk(StateDir), 0o700); err != nil && !errors.Is(err, fs.ErrExist) {

@@ -116,7 +116,7 @@ func StageDeb(stage string, o DebOptions) error {
 	if err := l.Check(); err != nil {
 		return err
 	}
-	if _, err := Install(context.Background(), InstallOptions{Layout: l, BinDir: o.BinDir}); err != nil {
+	if _, err := Install(context.Background(), InstallOptions{Layout: l, BinDir: o.BinDir, ForPackage: true}); err != nil {
 		return fmt.Errorf("stage package: %w", err)
 	}
 	files, err := Manifest(l, o.BinDir)
@@ -143,7 +143,7 @@ func StageDeb(stage string, o DebOptions) error {
 		bytesFile(path.Join("/usr/share/lintian/overrides", PackageName), 0o644, overrides),
 	}
 	for _, f := range extra {
-		if err := mkdirs(stage, path.Dir(f.Path)); err != nil {
+		if _, err := mkdirs(stage, path.Dir(f.Path)); err != nil {
 			return err
 		}
 	}
@@ -157,7 +157,7 @@ func StageDeb(stage string, o DebOptions) error {
 	}
 
 	control := filepath.Join(stage, "DEBIAN")
-	if err := mkdirs(stage, "/DEBIAN"); err != nil {
+	if _, err := mkdirs(stage, "/DEBIAN"); err != nil {
 		return err
 	}
 	var size int64
@@ -192,7 +192,7 @@ func StageDeb(stage string, o DebOptions) error {
 		bytesFile("/conffiles", 0o644, []byte(conffiles.String())),
 		bytesFile("/md5sums", 0o644, []byte(sums.String())),
 	}
-	for _, s := range []string{"postinst", "prerm", "postrm"} {
+	for _, s := range []string{"preinst", "postinst", "prerm", "postrm"} {
 		b, err := dist.FS.ReadFile("debian/" + s)
 		if err != nil {
 			return fmt.Errorf("stage package: %w", err)

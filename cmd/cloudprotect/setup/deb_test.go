@@ -263,3 +263,48 @@ func TestMaintainerScripts(t *testing.T) {
 		})
 	}
 }
+
+// The package refuses to install over a copy that `cloudprotect install`
+// put in place, saying how to remove it; an administrator's copy of the
+// package's own unit does not stop it.
+func TestPreinstRefusesAnInstalledCopy(t *testing.T) {
+	t.Parallel()
+	script, err := dist.FS.ReadFile("debian/preinst")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, unit, exec string
+		wantErr          bool
+	}{
+		{"nothing there", "", "", false},
+		{"cloudprotect install in /usr/local", "/usr/local/lib/systemd/system", "/usr/local/bin/cloudprotectd", true},
+		{"cloudprotect install in /opt", "/etc/systemd/system", "/opt/cp/bin/cloudprotectd", true},
+		{"the administrator's copy of the package's unit", "/etc/systemd/system", "/usr/bin/cloudprotectd", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			root := t.TempDir()
+			if tt.unit != "" {
+				dir := filepath.Join(root, tt.unit)
+				os.MkdirAll(dir, 0o755)
+				unit := "[Service]\nExecStart=" + tt.exec + " --flag\n"
+				if err := os.WriteFile(filepath.Join(dir, UnitName), []byte(unit), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			p := filepath.Join(t.TempDir(), "preinst")
+			os.WriteFile(p, script, 0o755)
+			cmd := exec.Command(p, "install")
+			cmd.Env = append(os.Environ(), "DPKG_ROOT="+root)
+			out, err := cmd.CombinedOutput()
+			if (err != nil) != tt.wantErr {
+				t.Fatalf("preinst install: %v\n%s", err, out)
+			}
+			if tt.wantErr && !strings.Contains(string(out), "sudo "+strings.TrimSuffix(tt.exec, "d")+" uninstall") {
+				t.Errorf("message does not say how to remove the copy:\n%s", out)
+			}
+		})
+	}
+}

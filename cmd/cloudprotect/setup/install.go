@@ -94,6 +94,9 @@ type InstallOptions struct {
 	// AgentWait bounds the wait for a service just started to answer on
 	// its socket; zero means 10 seconds.
 	AgentWait time.Duration
+	// ForPackage stages a Debian package: dpkg keeps track of the
+	// folders, so they are not recorded.
+	ForPackage bool
 }
 
 // InstallResult says what Install did.
@@ -121,13 +124,33 @@ func Install(ctx context.Context, o InstallOptions) (InstallResult, error) {
 	if err := CheckPrograms(o.BinDir); err != nil {
 		return res, err
 	}
-	if err := mkdirs(o.Layout.Root, "/"); err != nil {
+	var created []string
+	if _, err := mkdirs(o.Layout.Root, "/"); err != nil {
 		return res, err
 	}
+	var dirs []string
+	if !o.ForPackage {
+		dirs = append(dirs, path.Dir(o.Layout.FoldersRecord()))
+	}
 	for _, f := range files {
-		if err := mkdirs(o.Layout.Root, path.Dir(f.Path)); err != nil {
+		dirs = append(dirs, path.Dir(f.Path))
+	}
+	record := func() error {
+		if o.ForPackage {
+			return nil
+		}
+		return recordFolders(o.Layout, created)
+	}
+	for _, d := range dirs {
+		c, err := mkdirs(o.Layout.Root, d)
+		created = append(created, c...)
+		if err != nil {
+			record()
 			return res, err
 		}
+	}
+	if err := record(); err != nil {
+		return res, err
 	}
 	res.Written, err = Apply(o.Layout.Root, files)
 	if err != nil {
@@ -164,34 +187,87 @@ func Install(ctx context.Context, o InstallOptions) (InstallResult, error) {
 
 // mkdirs creates dir under root and each missing folder above it with
 // mode 0755, whatever the umask: everyone must reach the programs, icons
-// and manual pages.
-func mkdirs(root, dir string) error {
+// and manual pages. It returns the folders it created, as installation
+// paths.
+func mkdirs(root, dir string) (created []string, err error) {
 	p := root
 	if err := os.MkdirAll(root, 0o755); err != nil {
-		return fmt.Errorf("create %s: %w", root, err)
+		return nil, fmt.Errorf("create %s: %w", root, err)
 	}
 	if dir == "/" {
 		// The top of a staging root becomes the package's "/".
 		if root != "/" {
 			if err := os.Chmod(root, 0o755); err != nil {
-				return fmt.Errorf("create %s: %w", root, err)
+				return nil, fmt.Errorf("create %s: %w", root, err)
 			}
 		}
-		return nil
+		return nil, nil
 	}
+	rel := ""
 	for _, part := range strings.Split(strings.Trim(dir, "/"), "/") {
 		p = p + string(os.PathSeparator) + part
+		rel += "/" + part
 		if err := os.Mkdir(p, 0o755); err != nil {
 			if errors.Is(err, fs.ErrExist) {
 				continue
 			}
-			return fmt.Errorf("create %s: %w", p, err)
+			return created, fmt.Errorf("create %s: %w", p, err)
 		}
+		created = append(created, rel)
 		if err := os.Chmod(p, 0o755); err != nil {
-			return fmt.Errorf("create %s: %w", p, err)
+			return created, fmt.Errorf("create %s: %w", p, err)
 		}
 	}
+	return created, nil
+}
+
+// FoldersRecord is where install lists the folders it created, so that
+// uninstall removes them again, and only them.
+//
+// On disk: one installation path a line. Install adds to it (a second run
+// creates nothing new); a missing or damaged record only means uninstall
+// leaves some empty folders behind.
+func (l Layout) FoldersRecord() string {
+	return path.Join(l.Prefix, "share", "cloudprotect", "installed-folders")
+}
+
+// recordFolders adds created to the record of folders install created.
+func recordFolders(l Layout, created []string) error {
+	p := l.OnDisk(l.FoldersRecord())
+	old, _ := os.ReadFile(p)
+	seen := map[string]bool{}
+	var all []string
+	for _, d := range append(strings.Split(string(old), "\n"), created...) {
+		if d = strings.TrimSpace(d); d != "" && path.IsAbs(d) && !seen[d] {
+			seen[d] = true
+			all = append(all, d)
+		}
+	}
+	if len(all) == 0 {
+		return nil
+	}
+	if err := os.WriteFile(p, []byte(strings.Join(all, "\n")+"\n"), 0o644); err != nil {
+		return fmt.Errorf("record the folders created: %w", err)
+	}
 	return nil
+}
+
+// removeFolders removes the record and the folders it lists that are
+// empty, deepest first: a folder that holds anything else stays.
+func removeFolders(l Layout) {
+	p := l.OnDisk(l.FoldersRecord())
+	b, err := os.ReadFile(p)
+	if err != nil {
+		return
+	}
+	os.Remove(p)
+	dirs := strings.Fields(string(b))
+	slices.SortFunc(dirs, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+	for _, d := range dirs {
+		if path.IsAbs(d) && path.Clean(d) == d && d != "/" {
+			os.Remove(l.OnDisk(d))
+		}
+	}
 }
 
 func startService(ctx context.Context, o InstallOptions, written []string) (Outcome, error) {
@@ -313,6 +389,7 @@ func Uninstall(ctx context.Context, o UninstallOptions) (UninstallResult, error)
 		}
 		res.Purged = true
 	}
+	removeFolders(l)
 	if _, err := os.Stat(l.OnDisk(consent.DefaultPolicyPath)); err == nil {
 		res.PolicyKept = consent.DefaultPolicyPath
 	}

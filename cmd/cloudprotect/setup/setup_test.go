@@ -107,6 +107,7 @@ func TestInstallPutsEveryFileInPlace(t *testing.T) {
 				t.Fatal(err)
 			}
 			want := wantFiles(tt.prefix, tt.unitDir)
+			want[(Layout{Prefix: tt.prefix}).FoldersRecord()] = 0o644
 			got := tree(t, root)
 			for p, mode := range got {
 				if mode.IsDir() {
@@ -128,8 +129,8 @@ func TestInstallPutsEveryFileInPlace(t *testing.T) {
 					t.Errorf("missing %s", p)
 				}
 			}
-			if len(res.Written) != len(want) {
-				t.Errorf("wrote %d files, want %d", len(res.Written), len(want))
+			if len(res.Written) != len(want)-1 { // the folders' record is not an installed file
+				t.Errorf("wrote %d files, want %d", len(res.Written), len(want)-1)
 			}
 			if b, _ := os.ReadFile(filepath.Join(root, tt.prefix, "bin", "cloudprotectd")); !bytes.Contains(b, []byte("# cloudprotectd")) {
 				t.Errorf("cloudprotectd is not the program from the bin folder: %q", b)
@@ -489,6 +490,13 @@ func TestUninstall(t *testing.T) {
 			t.Parallel()
 			root := t.TempDir()
 			l := Layout{Root: root}
+			// Folders a system has before: they stay.
+			for _, d := range []string{"/usr/local/bin", "/usr/local/share/man", "/etc/xdg"} {
+				if err := os.MkdirAll(l.OnDisk(d), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			before := tree(t, root)
 			yes := true
 			if _, err := Install(context.Background(), InstallOptions{Layout: l, BinDir: fakePrograms(t), Decision: &yes}); err != nil {
 				t.Fatal(err)
@@ -522,6 +530,20 @@ func TestUninstall(t *testing.T) {
 			}
 			if !slices.Equal(left, want) {
 				t.Errorf("left %v, want %v", left, want)
+			}
+			// The folders install created are gone, those that were there
+			// stay, and so do those that still hold something.
+			for p, mode := range tree(t, root) {
+				_, had := before[p]
+				if mode.IsDir() && !had && !strings.HasPrefix(consent.DefaultPolicyPath, p+"/") &&
+					!(!purge && strings.HasPrefix(StateDir+"/", p+"/")) {
+					t.Errorf("empty folder %s left behind", p)
+				}
+			}
+			for p := range before {
+				if _, ok := tree(t, root)[p]; !ok {
+					t.Errorf("folder %s, there before, was removed", p)
+				}
 			}
 
 			// Nothing left to remove: a second run is harmless.
