@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"image/color"
 	"image/png"
@@ -20,6 +23,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
+	"github.com/cloudprotect/cloudprotect/agent/testenv"
 	"github.com/cloudprotect/cloudprotect/icons"
 	"github.com/cloudprotect/cloudprotect/tray"
 	dt "github.com/cloudprotect/cloudprotect/tray/desktoptest"
@@ -39,7 +43,7 @@ func binaries(tb testing.TB) string {
 		if buildErr != nil {
 			return
 		}
-		for _, c := range []string{"cloudprotect-tray", "cloudprotectd", "cloudprotect"} {
+		for _, c := range []string{"cloudprotect-tray", "cloudprotectd", "cloudprotect", "cloudprotect-server"} {
 			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, c), "github.com/cloudprotect/cloudprotect/cmd/"+c)
 			if out, err := cmd.CombinedOutput(); err != nil {
 				buildErr = fmt.Errorf("build %s: %v\n%s", c, err, out)
@@ -73,6 +77,15 @@ type session struct {
 	agentStop func()
 	// env is added to the tray's environment.
 	env []string
+	// cloud is the Security Network's address; "" means none answers.
+	cloud string
+}
+
+func (s *session) server() string {
+	if s.cloud == "" {
+		return "http://127.0.0.1:1"
+	}
+	return "http://" + s.cloud
 }
 
 func newSession(tb testing.TB) *session {
@@ -89,7 +102,7 @@ func (s *session) startAgent() {
 		"--state-dir", filepath.Join(s.dir, "agent-state"),
 		"--socket", s.socket,
 		"--policy", filepath.Join(s.dir, "no-policy.json"),
-		"--server", "http://127.0.0.1:1")
+		"--server", s.server())
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + filepath.Join(s.dir, "home"), "XDG_RUNTIME_DIR=" + filepath.Join(s.dir, "run")}
 	var logs bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
@@ -800,4 +813,96 @@ func TestHelpAndVersion(t *testing.T) {
 			t.Errorf("%s --no-such-flag: exit %d\nstdout:\n%s\nstderr:\n%s", prog, code, out, errOut)
 		}
 	}
+}
+
+// A program the Security Network knows to be malicious, run from the
+// download folder with the real agent and the real cloud: it is blocked,
+// the notification stays (critical, no expiry), the icon and the menu show
+// the detection until the person dismisses it, and `cloudprotect alerts`
+// lists it.
+func TestRealBlockAlert(t *testing.T) {
+	testenv.NeedRoot(t)
+	s := newSession(t)
+	notes := dt.StartNotifications(t, s.bus, true)
+	watcher := dt.StartWatcher(t, s.bus)
+
+	downloads := filepath.Join(s.dir, "home", "Downloads")
+	if err := os.MkdirAll(downloads, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	prog := filepath.Join(s.dir, "invoice-viewer")
+	b, err := os.ReadFile("/bin/true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = append(b, []byte(fmt.Sprintf("test %d %d", os.Getpid(), time.Now().UnixNano()))...)
+	if err := os.WriteFile(prog, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	list := filepath.Join(s.dir, "malicious.txt")
+	os.WriteFile(list, []byte(hex.EncodeToString(sum[:])+"\n"), 0o644)
+	db := "sqlite:" + filepath.Join(s.dir, "server.db")
+	if out, err := exec.Command(filepath.Join(s.bin, "cloudprotect-server"), "import", "--db", db, "--malicious", list, "--feed", "test").CombinedOutput(); err != nil {
+		t.Fatalf("import: %v\n%s", err, out)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.cloud = ln.Addr().String()
+	ln.Close()
+	srv := exec.Command(filepath.Join(s.bin, "cloudprotect-server"), "serve", "--listen", s.cloud, "--db", db)
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() })
+
+	s.startAgent()
+	cli := func(args ...string) string {
+		t.Helper()
+		cmd := exec.Command(filepath.Join(s.bin, "cloudprotect"), append([]string{"--socket", s.socket}, args...)...)
+		cmd.Env = s.trayEnv()
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("cloudprotect %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	cli("participate", "--yes")
+	s.startTray()
+	it := dt.NewItem(s.bus.Conn(t), waitRegistered(t, watcher))
+	waitIcon(t, it, icons.Participating, icons.Limited)
+
+	// Downloaded, then run: blocked before it runs.
+	dl := filepath.Join(downloads, "invoice-viewer")
+	if err := os.WriteFile(dl, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var runErr error
+	waitFor(t, "the program to be blocked", func() error {
+		runErr = exec.Command(dl).Run()
+		if runErr == nil {
+			return fmt.Errorf("it ran")
+		}
+		return nil
+	})
+	if !errors.Is(runErr, syscall.EPERM) {
+		t.Errorf("run: %v, want EPERM", runErr)
+	}
+	n := notes.Wait(t, "Dangerous program blocked", 15*time.Second)
+	if n.Urgency != 2 || n.Timeout != 0 || !strings.Contains(n.Body, "invoice-viewer") {
+		t.Errorf("block notification %+v: want critical, no expiry, naming the program", n)
+	}
+	waitIcon(t, it, icons.Threat)
+	waitEntry(t, it, "● Blocked invoice-viewer", func(e dt.MenuEntry) bool { return e.Visible })
+	if out := cli("alerts"); !strings.Contains(out, "blocked") || !strings.Contains(out, "invoice-viewer") {
+		t.Errorf("cloudprotect alerts:\n%s", out)
+	}
+
+	if err := notes.Close(n, 2); err != nil {
+		t.Fatal(err)
+	}
+	waitIcon(t, it, icons.Participating, icons.Limited)
+	waitEntry(t, it, "Blocked invoice-viewer", func(e dt.MenuEntry) bool { return e.Visible })
 }
