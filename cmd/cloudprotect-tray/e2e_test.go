@@ -453,7 +453,7 @@ func TestDesktopSession(t *testing.T) {
 	}
 	waitEntry(t, it, string(tray.LabelAutostart), func(e dt.MenuEntry) bool { return e.ToggleState == 1 })
 	b, err := os.ReadFile(file)
-	if err != nil || !strings.Contains(string(b), "Exec=") {
+	if err != nil || !strings.Contains(string(b), "Exec=") || !strings.Contains(string(b), " --socket "+s.socket+"\n") {
 		t.Fatalf("autostart entry %s: %v\n%s", file, err, b)
 	}
 	if err := it.Click(auto.ID); err != nil {
