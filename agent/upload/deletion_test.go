@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -238,3 +239,47 @@ func (nopQueue) ReleaseBatch(string) error                   { return nil }
 func (nopQueue) MarkSent(string) error                       { return nil }
 func (nopQueue) DropBatch(string) error                      { return nil }
 func (nopQueue) Pending() int                                { return 0 }
+
+// The server accepts a batch, and the person leaves in the moment between
+// the answer's arrival and its use: the batch belongs to the installation
+// left behind (whose deletion is queued), so it is neither acknowledged
+// in the queue nor counted as sent. Without the uploader's check that the
+// installation is still the one the batch was taken for, it was both.
+func TestLeaveRightAfterTheAnswer(t *testing.T) {
+	t.Parallel()
+	s := newScripted(t, nil)
+	h := newHarness(t, s.srv.URL, nil)
+	s.clk = h.clk
+	var leaveOnce sync.Once
+	var leaveErr error
+	upload.SetAfterPost(h.up, func() {
+		leaveOnce.Do(func() {
+			h.allowed.Store(false)
+			leaveErr = h.up.Leave()
+		})
+	})
+	h.start()
+	h.idle()
+	h.addRecords(0, 10, 1)
+	if _, err := h.sendNow(); err == nil {
+		t.Fatal("SendNow reported success for a batch sent by an installation left meanwhile")
+	}
+	if leaveErr != nil {
+		t.Fatal(leaveErr)
+	}
+	if n := s.postCount(); n != 1 {
+		t.Fatalf("%d batches posted; want 1", n)
+	}
+	if sent := h.q.Sent(); len(sent) != 0 {
+		t.Errorf("%d records acknowledged in the queue after leaving; want none", len(sent))
+	}
+	if st := h.up.Status(); st.RecordsSent != 0 || st.LastUpload != nil {
+		t.Errorf("status after leaving: %d records sent, last upload %v; want none counted", st.RecordsSent, st.LastUpload)
+	}
+	s.mu.Lock()
+	deleted := s.deleted["inst-1"]
+	s.mu.Unlock()
+	if !deleted && !h.up.Status().DeletionPending {
+		t.Errorf("the installation left was neither deleted nor queued for deletion")
+	}
+}

@@ -175,6 +175,10 @@ type Uploader struct {
 	batchLimit int
 	// lastBatch is the last batch encoded, kept for its retries.
 	lastBatch encoded
+
+	// afterPost is a test hook: it runs when a batch's POST has returned,
+	// before its answer is used.
+	afterPost func()
 }
 
 type encoded struct {
@@ -680,6 +684,9 @@ func (u *Uploader) sendOne(ctx context.Context) (outcome, error) {
 		}
 		_, err = c.PostBatch(rctx, creds.Token, id, gz)
 		done()
+		if u.afterPost != nil {
+			u.afterPost()
+		}
 		if u.generation() != gen {
 			// Left while the batch was in flight: the queue was purged;
 			// the batch is neither acknowledged nor sent again.
