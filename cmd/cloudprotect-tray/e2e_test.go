@@ -79,6 +79,8 @@ type session struct {
 	env []string
 	// cloud is the Security Network's address; "" means none answers.
 	cloud string
+	// agentArgs are added to the agent's command line.
+	agentArgs []string
 }
 
 func (s *session) server() string {
@@ -103,6 +105,7 @@ func (s *session) startAgent() {
 		"--socket", s.socket,
 		"--policy", filepath.Join(s.dir, "no-policy.json"),
 		"--server", s.server())
+	cmd.Args = append(cmd.Args, s.agentArgs...)
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + filepath.Join(s.dir, "home"), "XDG_RUNTIME_DIR=" + filepath.Join(s.dir, "run")}
 	var logs bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &logs, &logs
@@ -826,10 +829,21 @@ func TestRealBlockAlert(t *testing.T) {
 	notes := dt.StartNotifications(t, s.bus, true)
 	watcher := dt.StartWatcher(t, s.bus)
 
+	// The download folder is a tmpfs of its own, and the agent checks
+	// programs before they run there only: programs other tests run on
+	// this machine meanwhile are not held.
 	downloads := filepath.Join(s.dir, "home", "Downloads")
 	if err := os.MkdirAll(downloads, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	if err := syscall.Mount("tmpfs", downloads, "tmpfs", syscall.MS_NOSUID|syscall.MS_NODEV, "size=16m,mode=0755"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("mount a tmpfs: %v", err)
+		}
+		t.Skipf("cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(downloads, syscall.MNT_DETACH) })
+	s.agentArgs = []string{"--protect-only", downloads}
 	prog := filepath.Join(s.dir, "invoice-viewer")
 	b, err := os.ReadFile("/bin/true")
 	if err != nil {
