@@ -27,6 +27,9 @@ import (
 //     with "protection": "alert" (no permission group), agent blocking;
 //     five rounds in rotating order; the median of the rounds' ratios to
 //     "not running";
+//   - the CPU time the spawner and its programs spend per exec (fork,
+//     exec, exit, wait: the kernel's side of an execution, which the
+//     machine's other work disturbs much less than the rate);
 //   - the wall time of one exec (fork, exec, wait) of that known program,
 //     1,000 in a row from this process: p50 and p99 for each setting;
 //   - exec to decision for an unfamiliar program: a fresh file (new hash)
@@ -74,6 +77,7 @@ func BenchmarkProtectExec(b *testing.B) {
 	const rounds = 5
 	const latencyN = 1000
 	rate := map[string]float64{}
+	spawnCPU := map[string]float64{} // µs of CPU per exec of the spawner and its programs
 	lat := map[string][]time.Duration{}
 	var ratioBlock, ratioAlert, ratioOwn []float64
 	for r := range rounds {
@@ -89,11 +93,14 @@ func BenchmarkProtectExec(b *testing.B) {
 				})
 				runExec(b, known) // first sight: decided, then marked
 			}
-			res, _, err := spawn.RunChild(context.Background(), spawn.Config{Path: known, Duration: 1500 * time.Millisecond})
+			res, ru, err := spawn.RunChild(context.Background(), spawn.Config{Path: known, Duration: 1500 * time.Millisecond})
 			if err != nil {
 				b.Fatal(err)
 			}
 			got[s.name] = res.PerSecond()
+			if ru != nil && res.Execs > 0 {
+				spawnCPU[s.name] += float64((ru.Utime.Nano()+ru.Stime.Nano())/1000) / float64(res.Execs) / rounds
+			}
 			rate[s.name] += res.PerSecond() / rounds
 			for range latencyN / rounds {
 				lat[s.name] = append(lat[s.name], runExec(b, known))
@@ -111,6 +118,7 @@ func BenchmarkProtectExec(b *testing.B) {
 		p50, p99 := percentiles(lat[s.name])
 		b.ReportMetric(us(p50), "µs-exec-p50-"+s.name)
 		b.ReportMetric(us(p99), "µs-exec-p99-"+s.name)
+		b.ReportMetric(spawnCPU[s.name], "µs-cpu/exec-spawner-"+s.name)
 	}
 	b.ReportMetric(median(ratioBlock), "ratio-block/off")
 	b.ReportMetric(median(ratioAlert), "ratio-alert/off")
