@@ -114,6 +114,9 @@ func (g *Guard) block(s *subject, r wire.Reputation) {
 		g.allow(s, false)
 		return
 	}
+	// Who tried to run it, read while the process still waits in execve:
+	// once denied it may exit at once.
+	uid := procUID(s.e.pid)
 	if !g.answer(s.e, false) {
 		// Its deadline passed first: it ran.
 		g.release(s.e)
@@ -123,7 +126,6 @@ func (g *Guard) block(s *subject, r wire.Reputation) {
 	// The alert is built from the agent's own facts, as every alert is.
 	al := reputation.AlertFor(s.facts.SHA256, s.facts.Path, r)
 	al.Action, al.Time = api.AlertActionBlocked, time.Now().UTC()
-	uid := procUID(s.e.pid)
 	g.release(s.e)
 	g.lastMu.Lock()
 	g.lastBlock = &al

@@ -95,7 +95,7 @@ func runChild() int {
 		Reputation: rep,
 		Exceptions: x,
 		Report: func(al api.Alert, uid int) {
-			b, _ := json.Marshal(al)
+			b, _ := json.Marshal(blockLine{Alert: al, UID: uid})
 			say("block %s", b)
 		},
 		FirstSight: time.Duration(cfg.FirstSightMS) * time.Millisecond,
@@ -149,13 +149,19 @@ func runChild() int {
 	return 0
 }
 
+// blockLine is a block as the child reports it.
+type blockLine struct {
+	api.Alert
+	UID int `json:"uid"`
+}
+
 // child is a listener process under the test's watchdog.
 type child struct {
 	t      *testing.T
 	cmd    *exec.Cmd
 	in     io.WriteCloser
 	lines  chan string
-	blocks chan api.Alert
+	blocks chan blockLine
 	exited chan struct{}
 }
 
@@ -183,14 +189,14 @@ func startChild(t *testing.T, cfg childConfig) *child {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := &child{t: t, cmd: cmd, in: in, lines: make(chan string, 16), blocks: make(chan api.Alert, 16), exited: make(chan struct{})}
+	c := &child{t: t, cmd: cmd, in: in, lines: make(chan string, 16), blocks: make(chan blockLine, 16), exited: make(chan struct{})}
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
 			if js, ok := strings.CutPrefix(sc.Text(), "block "); ok {
-				var al api.Alert
-				json.Unmarshal([]byte(js), &al)
-				c.blocks <- al
+				var bl blockLine
+				json.Unmarshal([]byte(js), &bl)
+				c.blocks <- bl
 				continue
 			}
 			c.lines <- sc.Text()
@@ -311,9 +317,13 @@ func TestRootMaliciousFailsWithEPERM(t *testing.T) {
 		t.Fatalf("malicious program: %v; want EPERM", err)
 	}
 	select {
-	case al := <-c.blocks:
-		if al.SHA256 != sum || al.Action != api.AlertActionBlocked {
-			t.Errorf("block = %+v", al)
+	case bl := <-c.blocks:
+		if bl.SHA256 != sum || bl.Action != api.AlertActionBlocked {
+			t.Errorf("block = %+v", bl)
+		}
+		// Read before the denied process could exit: whose it was.
+		if bl.UID != os.Getuid() {
+			t.Errorf("block reported for uid %d; want %d, who ran it", bl.UID, os.Getuid())
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("no block reported")
