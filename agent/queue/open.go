@@ -89,6 +89,7 @@ func (q *Queue) open() (err error) {
 		return err
 	}
 	q.db = db
+	q.release() // the checks read every page
 	return nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
+	"golang.org/x/sys/unix"
 
 	"github.com/cloudprotect/cloudprotect/agent/identify"
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -30,8 +32,8 @@ import (
 
 // Defaults of Options.
 const (
-	DefaultMaxRecords     = 100_000
-	DefaultMaxBytes       = 50 << 20
+	DefaultMaxRecords     = 50_000
+	DefaultMaxBytes       = 16 << 20
 	DefaultCommitInterval = time.Second
 	DefaultCommitEvents   = 10_000
 	DefaultCommitBytes    = 1 << 20
@@ -45,11 +47,12 @@ var (
 
 // Options configure a Queue. The zero value gives the defaults.
 type Options struct {
-	// MaxRecords caps the number of records (default 100,000).
+	// MaxRecords caps the number of records (default 50,000).
 	MaxRecords int
 	// MaxBytes caps the stored size of the records, keys and values
-	// (default 50 MiB). The file is larger by bbolt's page overhead and
-	// free pages; Stats().Bytes reports the records' size.
+	// (default 16 MiB, about 40,000 programs with paths of ordinary
+	// length). The file is larger by bbolt's page overhead and free pages;
+	// Stats().Bytes reports the records' size.
 	MaxBytes int64
 	// CommitInterval is how often Serve commits buffered events
 	// (default 1 s).
@@ -129,7 +132,12 @@ type Batch struct {
 // What the queue keeps in memory does not grow with the file: counters,
 // the events buffered for the next commit (bounded by CommitEvents and
 // CommitBytes) and, for the batch in flight, each record's hash and
-// deltas (bounded by the batch size).
+// deltas (bounded by the batch size). bbolt reads the file through a
+// shared read-only mapping, whose pages count as the agent's resident
+// memory once read: after each pass over many records (the checks at
+// open, a commit, a batch, a preview, an eviction) the queue lets the
+// kernel drop them from the mapping (release); they stay in the page
+// cache.
 //
 // # What a torn write can break, and how Open repairs it
 //
@@ -378,7 +386,29 @@ func (q *Queue) flushLocked() error {
 	}
 	ch.apply(q)
 	q.commitErr.Store(nil)
+	q.release()
 	return nil
+}
+
+// release drops the pages of the file from this process's mapping (they
+// stay in the page cache, and a later read maps them again), so that
+// reading the queue does not keep it resident. The mapping is bbolt's
+// shared, read-only view of the file: nothing is lost. The range is the
+// pages in use as a transaction sees them, which bbolt always keeps
+// mapped (the file itself may be longer than the mapping: bbolt grows it
+// ahead). The caller holds flushMu, which every use of the mapping takes.
+func (q *Queue) release() {
+	if q.db == nil {
+		return
+	}
+	var size int64
+	if err := q.db.View(func(tx *bolt.Tx) error { size = tx.Size(); return nil }); err != nil {
+		return
+	}
+	page := int64(os.Getpagesize())
+	if n := size / page * page; n > 0 {
+		unix.Syscall(unix.SYS_MADVISE, q.db.Info().Data, uintptr(n), unix.MADV_DONTNEED)
+	}
 }
 
 // counterChange collects what a transaction changes in the counters, to
@@ -706,6 +736,7 @@ func (q *Queue) TakeBatch(maxRecords int) (Batch, error) {
 		}
 		return nil
 	})
+	q.release()
 	if err != nil || len(b.Records) == 0 {
 		return b, err
 	}
@@ -878,6 +909,7 @@ func (q *Queue) view(fn func(tx *bolt.Tx) error) error {
 	if q.db == nil {
 		return ErrClosed
 	}
+	defer q.release()
 	return q.db.View(fn)
 }
 
@@ -1031,6 +1063,7 @@ func (q *Queue) settle(batchID, what string, drop bool) error {
 		q.dropped.Add(uint64(b.n))
 	}
 	q.setInflight(nil)
+	q.release()
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -793,4 +794,76 @@ func TestMemoryFlatWithRecords(t *testing.T) {
 	if after > before+1<<20 {
 		t.Errorf("heap grew by %d KiB with the records", (after-before)>>10)
 	}
+}
+
+// mappedKiB is how much of the file at path is resident in this process's
+// mappings, from /proc/self/smaps.
+func mappedKiB(t *testing.T, path string) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/smaps")
+	if err != nil {
+		t.Skipf("no /proc/self/smaps: %v", err)
+	}
+	kib, in := 0, false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 5 && strings.Contains(f[0], "-") && len(f[1]) == 4:
+			// A mapping's first line; anonymous ones have no path.
+			in = len(f) >= 6 && f[len(f)-1] == path
+		case in && len(f) == 3 && f[0] == "Rss:":
+			n, _ := strconv.Atoi(f[1])
+			kib += n
+		}
+	}
+	return kib
+}
+
+// Reading the queue does not keep it resident: after the checks at open,
+// a preview of every record, a batch and a commit, the file's pages are
+// released from the mapping (without that, most of the file of this test,
+// about 20 MB, stays resident from the open on).
+func TestFileNotKeptResident(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "q.db")
+	q := openTest(t, path, Options{})
+	for i := range 10_000 {
+		f := facts(i)
+		f.Path = "/opt/" + strings.Repeat("p", 400) + fmt.Sprint(i)
+		mustAdd(t, q, Event{Facts: f, Execs: 1, Time: t0})
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q = openTest(t, path, Options{})
+	const most = 1024 // KiB: a few pages may be mapped again at once
+	check := func(when string) {
+		t.Helper()
+		if kib := mappedKiB(t, path); kib > most {
+			t.Errorf("%s: %d KiB of the %d KiB file resident", when, kib, st.Size()>>10)
+		}
+	}
+	check("after open")
+	n := 0
+	if _, err := q.Preview(func(wire.Record, bool) error { n++; return nil }); err != nil || n != 10_000 {
+		t.Fatalf("preview: %d records, %v", n, err)
+	}
+	check("after a preview")
+	b, err := q.TakeBatch(5000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("after a batch")
+	if err := q.MarkSent(b.ID); err != nil {
+		t.Fatal(err)
+	}
+	execs(t, q, 5, 1, t0)
+	if err := q.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	check("after a commit")
 }
