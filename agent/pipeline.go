@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"errors"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -21,9 +23,10 @@ type hashChecker interface {
 }
 
 // filesystemWatcher is an exec source that can watch the filesystem of a
-// file it missed (fanotify).
+// file it missed, and stop reporting a file (fanotify).
 type filesystemWatcher interface {
 	WatchFilesystemOf(fd int) error
+	IgnoreFile(fd int) error
 }
 
 // Bounds of the pipeline's bookkeeping.
@@ -70,6 +73,10 @@ type pipeline struct {
 	// marked holds the devices whose filesystem the source was asked to
 	// watch after a miss.
 	marked map[uint64]bool
+	// loaders are the dynamic loaders seen, by path; interps maps the
+	// interpreter named by a program to a loader's path.
+	loaders map[string]*loader
+	interps map[string]string
 
 	missed       atomic.Uint64 // executions seen by the connector alone, gone before identified
 	unidentified atomic.Uint64 // executions whose file could not be identified
@@ -87,6 +94,20 @@ type tally struct {
 	npids int
 	uids  []uint32
 }
+
+// loader is a dynamic loader (ld.so). Once the source ignores it, its
+// executions are counted from the programs that name it as their
+// interpreter (derived): every dynamically linked program run runs it.
+type loader struct {
+	facts   identify.Facts
+	derived bool
+}
+
+// Bounds of the loader bookkeeping.
+const (
+	maxLoaders = 16
+	maxInterps = 256
+)
 
 type progCount struct {
 	n  int
@@ -108,6 +129,8 @@ func newPipeline(d collectorDeps) *pipeline {
 		batch:         make(map[string]*tally),
 		programs:      make(map[int32]*progCount),
 		marked:        make(map[uint64]bool),
+		loaders:       make(map[string]*loader),
+		interps:       make(map[string]string),
 	}
 }
 
@@ -137,7 +160,7 @@ func (p *pipeline) run(ectx context.Context, in <-chan []execwatch.Event) error 
 				break
 			}
 			if discarding() {
-				release(b)
+				closeAll(b)
 				continue
 			}
 			p.handle(b)
@@ -184,12 +207,6 @@ func (p *pipeline) run(ectx context.Context, in <-chan []execwatch.Event) error 
 	return nil
 }
 
-func release(b []execwatch.Event) {
-	for i := range b {
-		b[i].Release()
-	}
-}
-
 // handle identifies one batch and queues it.
 func (p *pipeline) handle(b []execwatch.Event) {
 	for i := range b {
@@ -205,9 +222,36 @@ func (p *pipeline) handle(b []execwatch.Event) {
 		case execwatch.KindCheckpoint:
 			p.judge()
 		}
-		ev.Release()
 	}
+	closeAll(b)
 	p.commit()
+}
+
+// closeAll closes the events' descriptors. The kernel gives a batch's
+// descriptors the lowest free numbers, mostly one after the other, so
+// runs of consecutive numbers are closed with one close_range(2) each
+// instead of a close(2) per event.
+func closeAll(b []execwatch.Event) {
+	fds := make([]int, 0, len(b))
+	for i := range b {
+		if b[i].FD >= 0 {
+			fds = append(fds, b[i].FD)
+			b[i].FD = -1
+		}
+	}
+	slices.Sort(fds)
+	for i := 0; i < len(fds); {
+		j := i
+		for j+1 < len(fds) && fds[j+1] == fds[j]+1 {
+			j++
+		}
+		if j == i || unix.CloseRange(uint(fds[i]), uint(fds[j]), 0) != nil {
+			for k := i; k <= j; k++ {
+				unix.Close(fds[k])
+			}
+		}
+		i = j + 1
+	}
 }
 
 // file identifies the file of one event and adds it to the batch. reported
@@ -231,7 +275,8 @@ func (p *pipeline) file(ev *execwatch.Event, reported bool) {
 		facts, job, err = p.ident.IdentifyPath(ev.Path)
 	}
 	exec := ev.Kind == execwatch.KindExec
-	if reported && exec && ev.PID > 0 && (err != nil || !identify.IsLoader(facts)) {
+	isLoader := err == nil && job == nil && identify.IsLoader(facts)
+	if reported && exec && ev.PID > 0 && !isLoader {
 		p.sawProgram(ev.PID, ev.Time)
 	}
 	switch {
@@ -242,14 +287,97 @@ func (p *pipeline) file(ev *execwatch.Event, reported bool) {
 			p.unidentified.Add(1)
 		}
 		p.log.Debug("identify", "path", ev.Path, "err", err)
+	case isLoader && exec && reported:
+		p.loaderRan(ev, facts)
 	default:
-		t := p.batch[facts.SHA256]
-		if t == nil {
-			t = &tally{facts: facts, first: ev.Time}
-			p.batch[facts.SHA256] = t
+		p.add(facts, ev)
+		if exec {
+			p.ranWithLoader(facts, ev)
 		}
-		t.note(ev)
 	}
+}
+
+// add counts the event in the batch's tally of the file.
+func (p *pipeline) add(facts identify.Facts, ev *execwatch.Event) {
+	t := p.batch[facts.SHA256]
+	if t == nil {
+		t = &tally{facts: facts, first: ev.Time}
+		p.batch[facts.SHA256] = t
+	}
+	t.note(ev)
+}
+
+// loaderRan counts an execution of a dynamic loader the source reported,
+// unless its executions are derived from the programs by now, and asks
+// the source to stop reporting it. The switch happens at one of its own
+// events: every program handled before was reported with its loader
+// event before this one, every program after is counted as running it,
+// so each run counts once.
+func (p *pipeline) loaderRan(ev *execwatch.Event, facts identify.Facts) {
+	path := ev.Path
+	if path == "" {
+		path = execwatch.FDPath(ev.FD)
+	}
+	l := p.loaders[path]
+	if l != nil && l.derived && l.facts.SHA256 == facts.SHA256 {
+		return // counted from its program
+	}
+	p.add(facts, ev)
+	if path == "" || p.watcher == nil || ev.FD < 0 {
+		return
+	}
+	if l == nil || l.facts.SHA256 != facts.SHA256 {
+		if len(p.loaders) >= maxLoaders {
+			return
+		}
+		l = &loader{facts: facts}
+		p.loaders[path] = l
+	}
+	if err := p.watcher.IgnoreFile(ev.FD); err != nil {
+		p.log.Debug("cannot ignore the dynamic loader", "path", path, "err", err)
+		return
+	}
+	l.derived = true
+}
+
+// ranWithLoader counts a run of the dynamic loader a program names, once
+// that loader's executions are derived from its programs.
+func (p *pipeline) ranWithLoader(facts identify.Facts, ev *execwatch.Event) {
+	if facts.ELF == nil || facts.ELF.Interpreter == "" || len(p.loaders) == 0 {
+		return
+	}
+	interp := facts.ELF.Interpreter
+	path, ok := p.interps[interp]
+	if !ok {
+		path, _ = filepath.EvalSymlinks(interp)
+		if len(p.interps) >= maxInterps {
+			clear(p.interps)
+		}
+		p.interps[interp] = path
+	}
+	if l := p.loaders[path]; l != nil && l.derived {
+		t := p.batch[l.facts.SHA256]
+		if t == nil {
+			t = &tally{facts: l.facts, first: ev.Time}
+			p.batch[l.facts.SHA256] = t
+		}
+		t.execs++
+		t.first, t.last = minTime(t.first, ev.Time), maxTime(t.last, ev.Time)
+	}
+}
+
+func minTime(a, b time.Time) time.Time {
+	if a.IsZero() || b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // note adds one event to the tally.
@@ -351,6 +479,9 @@ func (p *pipeline) finish(r jobResult) {
 		b.merge(t)
 	} else {
 		p.batch[r.facts.SHA256] = t
+	}
+	for range t.execs {
+		p.ranWithLoader(r.facts, &execwatch.Event{Time: t.last})
 	}
 	p.commit()
 }

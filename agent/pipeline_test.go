@@ -14,6 +14,8 @@ import (
 	"testing/synctest"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/execwatch"
 	"github.com/cloudprotect/cloudprotect/agent/identify"
@@ -421,5 +423,68 @@ func TestPipelineMatchesProcessEvents(t *testing.T) {
 	}
 	if got := p.missed.Load(); got != 1 {
 		t.Errorf("missed: %d, want 1", got)
+	}
+}
+
+// fakeWatcher records what the pipeline asks of a fanotify source.
+type fakeWatcher struct{ ignored, watched int }
+
+func (w *fakeWatcher) WatchFilesystemOf(int) error { w.watched++; return nil }
+func (w *fakeWatcher) IgnoreFile(int) error        { w.ignored++; return nil }
+
+// The dynamic loader is reported once and then ignored by the source; its
+// runs are counted from the programs that name it, each run once: a
+// loader event still in flight after the switch does not count again.
+func TestPipelineCountsLoaderFromPrograms(t *testing.T) {
+	h := newHarness(t)
+	prog, err := exec.LookPath("true")
+	if err != nil {
+		t.Skip("no true program")
+	}
+	prog, _ = filepath.EvalSymlinks(prog)
+	deps := h.c.collectorDeps
+	deps.ident = identify.New(identify.Options{})
+	p := newPipeline(deps)
+	f, _, err := deps.ident.IdentifyPath(prog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.ELF == nil || f.ELF.Interpreter == "" {
+		t.Skipf("%s is not dynamically linked", prog)
+	}
+	loaderPath, err := filepath.EvalSymlinks(f.ELF.Interpreter)
+	if err != nil {
+		t.Skipf("loader %s: %v", f.ELF.Interpreter, err)
+	}
+	w := &fakeWatcher{}
+	p.watcher = w
+	open := func(path string, pid int32) execwatch.Event {
+		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return execwatch.Event{FD: fd, PID: pid, UID: execwatch.UIDUnknown, Time: time.Now(), Kind: execwatch.KindExec}
+	}
+	in := make(chan []execwatch.Event, 4)
+	// Run 1 and its loader; run 2 and its loader, reported though the
+	// source was asked to ignore it (it was in the kernel's queue);
+	// runs 3 and 4 without loader events.
+	in <- []execwatch.Event{open(prog, 10), open(loaderPath, 10), open(prog, 11)}
+	in <- []execwatch.Event{open(loaderPath, 11), open(prog, 12)}
+	in <- []execwatch.Event{open(prog, 13)}
+	close(in)
+	if err := p.run(context.Background(), in); err != nil {
+		t.Fatal(err)
+	}
+	got := h.counts()
+	lf, _, err := deps.ident.IdentifyPath(loaderPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got[f.SHA256] != 4 || got[lf.SHA256] != 4 {
+		t.Errorf("program ran %d times, loader %d; want 4 and 4", got[f.SHA256], got[lf.SHA256])
+	}
+	if w.ignored != 1 {
+		t.Errorf("the source was asked to ignore the loader %d times, want 1", w.ignored)
 	}
 }

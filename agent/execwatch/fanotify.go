@@ -111,6 +111,29 @@ func (s *Fanotify) WatchFilesystemOf(fd int) error {
 	return nil
 }
 
+// IgnoreFile asks the kernel to report no more executions of the open
+// file fd, until it is modified (the mark does not survive a write) or
+// leaves the inode cache. The agent uses it for the dynamic loader, which
+// runs beside every dynamically linked program: its executions are then
+// counted from the programs that name it as their interpreter, at half
+// the events.
+func (s *Fanotify) IgnoreFile(fd int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fd < 0 {
+		return errors.New("ignore file: source not serving")
+	}
+	err := unix.FanotifyMark(s.fd, unix.FAN_MARK_ADD|unix.FAN_MARK_IGNORE|unix.FAN_MARK_EVICTABLE, unix.FAN_OPEN_EXEC, fd, "")
+	if errors.Is(err, unix.EINVAL) {
+		// Before Linux 6.0: the older form of an ignore mask.
+		err = unix.FanotifyMark(s.fd, unix.FAN_MARK_ADD|unix.FAN_MARK_IGNORED_MASK, unix.FAN_OPEN_EXEC, fd, "")
+	}
+	if err != nil {
+		return fmt.Errorf("ignore file: %w", err)
+	}
+	return nil
+}
+
 // Serve implements Source.
 func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 	if !s.serving.CompareAndSwap(false, true) {

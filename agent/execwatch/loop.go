@@ -165,7 +165,7 @@ func (d *deliverer) flush() {
 	if len(d.pending) > 0 {
 		select {
 		case d.out <- d.pending:
-			d.c.events.Add(uint64(len(d.pending)))
+			d.c.events.Add(files(d.pending))
 			d.pending = nil
 		default:
 		}
@@ -183,8 +183,20 @@ func (d *deliverer) deliver() {
 		return
 	}
 	d.out <- d.pending
-	d.c.events.Add(uint64(len(d.pending)))
+	d.c.events.Add(files(d.pending))
 	d.pending = nil
+}
+
+// files counts the events of a batch that name a file (executed or
+// loaded): what Stats.Events counts.
+func files(b []Event) uint64 {
+	var n uint64
+	for i := range b {
+		if b[i].Kind == KindExec || b[i].Kind == KindLoaded {
+			n++
+		}
+	}
+	return n
 }
 
 func (d *deliverer) hasPending() bool { return len(d.pending) > 0 }
@@ -194,7 +206,7 @@ func (d *deliverer) discard() {
 	for i := range d.pending {
 		d.pending[i].Release()
 	}
-	d.c.lost.Add(uint64(len(d.pending)))
+	d.c.lost.Add(files(d.pending))
 	d.pending = nil
 }
 

@@ -70,7 +70,8 @@ func (e *Event) Release() {
 
 // Stats counts what a source saw and what it lost.
 type Stats struct {
-	// Events counts events delivered on the out channel.
+	// Events counts the executed (or loaded) files delivered on the out
+	// channel.
 	Events uint64 `json:"events"`
 	// Lost counts events the kernel or the source dropped (queue overflow,
 	// ENOBUFS). Where the exact number is unknown, each loss counts one.
