@@ -213,7 +213,7 @@ func (c *collector) runEpoch(ctx context.Context, changed <-chan struct{}, waiti
 		return err
 	}
 	e := &epoch{source: src, pipe: pipe}
-	pipe.watcher, _ = src.(filesystemWatcher)
+	pipe.setWatcher(src)
 	if c.loaded != nil {
 		e.loaded = c.loaded()
 		serve(e.loaded)

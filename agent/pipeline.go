@@ -54,9 +54,11 @@ const (
 // goroutine runs it; only the counters are read elsewhere.
 type pipeline struct {
 	collectorDeps
-	// watcher, when the exec source has one, is asked to watch the
-	// filesystem of a program it missed.
-	watcher filesystemWatcher
+	// source, when the exec source is a filesystemWatcher, is asked to
+	// watch the filesystem of a program it missed and to ignore loaders.
+	// The collector sets it once the source is chosen, while the pipeline
+	// already runs.
+	source atomic.Pointer[filesystemWatcher]
 
 	jobs    chan *identify.Job
 	results chan jobResult
@@ -118,6 +120,22 @@ type jobResult struct {
 	key   identify.Key
 	facts identify.Facts
 	err   error
+}
+
+// setWatcher gives the pipeline the exec source, if it is a
+// filesystemWatcher.
+func (p *pipeline) setWatcher(src any) {
+	if w, ok := src.(filesystemWatcher); ok {
+		p.source.Store(&w)
+	}
+}
+
+// watcher returns the exec source as a filesystemWatcher, nil if none.
+func (p *pipeline) watcher() filesystemWatcher {
+	if w := p.source.Load(); w != nil {
+		return *w
+	}
+	return nil
 }
 
 func newPipeline(d collectorDeps) *pipeline {
@@ -323,7 +341,8 @@ func (p *pipeline) loaderRan(ev *execwatch.Event, facts identify.Facts) {
 		return // counted from its program
 	}
 	p.add(facts, ev)
-	if path == "" || p.watcher == nil || ev.FD < 0 {
+	w := p.watcher()
+	if path == "" || w == nil || ev.FD < 0 {
 		return
 	}
 	if l == nil || l.facts.SHA256 != facts.SHA256 {
@@ -333,7 +352,7 @@ func (p *pipeline) loaderRan(ev *execwatch.Event, facts identify.Facts) {
 		l = &loader{facts: facts}
 		p.loaders[path] = l
 	}
-	if err := p.watcher.IgnoreFile(ev.FD); err != nil {
+	if err := w.IgnoreFile(ev.FD); err != nil {
 		p.log.Debug("cannot ignore the dynamic loader", "path", path, "err", err)
 		return
 	}
@@ -589,12 +608,12 @@ func (p *pipeline) inspect(pid int32) {
 	ev.Path, _ = readlink(dir + "/exe")
 	p.supplemented.Add(1)
 	p.file(&ev, false)
-	if p.watcher != nil && unix.Fstat(fd, &st) == nil && !p.marked[st.Dev] {
+	if w := p.watcher(); w != nil && unix.Fstat(fd, &st) == nil && !p.marked[st.Dev] {
 		if len(p.marked) >= 1024 {
 			clear(p.marked)
 		}
 		p.marked[st.Dev] = true
-		if err := p.watcher.WatchFilesystemOf(fd); err != nil {
+		if err := w.WatchFilesystemOf(fd); err != nil {
 			p.log.Debug("cannot watch the filesystem of a missed program", "path", ev.Path, "err", err)
 		} else {
 			p.log.Info("watching the filesystem of a program executions were missed on", "path", ev.Path)

@@ -457,7 +457,7 @@ func TestPipelineCountsLoaderFromPrograms(t *testing.T) {
 		t.Skipf("loader %s: %v", f.ELF.Interpreter, err)
 	}
 	w := &fakeWatcher{}
-	p.watcher = w
+	p.setWatcher(w)
 	open := func(path string, pid int32) execwatch.Event {
 		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
