@@ -19,6 +19,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/alerts"
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/execwatch"
 	"github.com/cloudprotect/cloudprotect/agent/identify"
@@ -116,6 +117,7 @@ type Agent struct {
 	started time.Time
 
 	queue   *queue.Queue
+	install *cloud.Installation
 	upload  *upload.Uploader
 	rep     *reputation.Checker
 	ident   *identify.Identifier
@@ -181,13 +183,11 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a.ident = identify.New(identify.Options{Anonymizer: a.anon, Logger: cfg.Logger,
 		CachePath: filepath.Join(cfg.StateDir, IdentifyCacheFile)})
-	a.upload, err = upload.New(upload.Options{
-		Queue:            queueForUpload{q},
-		StatePath:        filepath.Join(cfg.StateDir, upload.StateFile),
+	a.install, err = cloud.Open(cloud.Options{
+		StatePath:        filepath.Join(cfg.StateDir, cloud.StateFile),
 		Server:           a.server,
 		CAFile:           func() string { return a.consent.View().CAFile },
-		Scrub:            a.anon.Records,
-		Client:           upload.ClientOptions{System: cfg.Mode == ModeSystem},
+		Client:           cloud.ClientOptions{System: cfg.Mode == ModeSystem},
 		Allowed:          cm.Collecting,
 		StatementVersion: a.statementVersion,
 		AgentVersion:     Version,
@@ -196,8 +196,19 @@ func New(cfg Config) (*Agent, error) {
 		OnChange:         a.statusChanged,
 	})
 	if err == nil {
+		a.upload, err = upload.New(upload.Options{
+			Queue:            queueForUpload{q},
+			Installation:     a.install,
+			Scrub:            a.anon.Records,
+			Allowed:          cm.Collecting,
+			StatementVersion: a.statementVersion,
+			Logger:           cfg.Logger,
+			OnChange:         a.statusChanged,
+		})
+	}
+	if err == nil {
 		a.rep, err = reputation.New(reputation.Options{
-			Lookup:  a.upload,
+			Lookup:  a.install,
 			Allowed: cm.Collecting,
 			Alert:   a.alert,
 			Logger:  cfg.Logger,
@@ -255,6 +266,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		service{"queue", a.queue.Serve},
 		service{"identify", a.ident.Serve},
 		service{"collect", a.collect.Serve},
+		service{"installation", a.install.Serve},
 		service{"upload", a.upload.Serve},
 		service{"reputation", a.rep.Serve},
 		service{"protect", a.protect},
@@ -325,8 +337,8 @@ func (a *Agent) onForget() {
 			a.log.Info("files set aside as damaged were wiped", "files", len(aside))
 		}
 	}
-	if a.upload.Status().Registered {
-		if err := a.upload.Leave(); err != nil {
+	if a.install.Status().Registered {
+		if err := a.install.Leave(); err != nil {
 			a.log.Error("queue deletion request", "err", err)
 		}
 	}
@@ -335,6 +347,7 @@ func (a *Agent) onForget() {
 
 // onConsentChange wakes the parts that send, so they stop or start at once.
 func (a *Agent) onConsentChange() {
+	a.install.Wake()
 	a.upload.Wake()
 	a.rep.Wake()
 }
@@ -557,14 +570,14 @@ func (a *Agent) Upload(ctx context.Context, force bool) (api.UploadResult, error
 		return res, &localapi.HTTPError{Code: http.StatusTooManyRequests, Msg: err.Error(),
 			Hint: "the statistics stay queued and are sent then; an administrator can send at once with `sudo cloudprotect send`"}
 	}
-	var ee *upload.EndpointError
+	var ee *cloud.EndpointError
 	switch {
-	case errors.Is(err, upload.ErrNoServer):
-		return res, &localapi.HTTPError{Code: http.StatusConflict, Msg: err.Error(), Hint: upload.NoServerHint}
+	case errors.Is(err, cloud.ErrNoServer):
+		return res, &localapi.HTTPError{Code: http.StatusConflict, Msg: err.Error(), Hint: cloud.NoServerHint}
 	case errors.As(err, &ee):
 		return res, &localapi.HTTPError{Code: http.StatusConflict, Msg: err.Error(), Hint: ee.Hint}
 	}
-	if errors.Is(err, upload.ErrNotParticipating) {
+	if errors.Is(err, cloud.ErrNotParticipating) {
 		return res, &localapi.HTTPError{Code: http.StatusConflict,
 			Msg:  "not participating in the Security Network: nothing is collected or sent",
 			Hint: "run `cloudprotect participate` to take part"}

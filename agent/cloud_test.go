@@ -13,10 +13,10 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
-	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
@@ -26,7 +26,7 @@ import (
 // installation reads the agent's registered installation from its state.
 func installation(t *testing.T, stateDir string) (id, token string) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(stateDir, upload.StateFile))
+	b, err := os.ReadFile(filepath.Join(stateDir, cloud.StateFile))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,7 +48,7 @@ func TestNoDesktopImports(t *testing.T) {
 // wire), never through the transport that carries them, the server, the
 // commands or the tray. (Their tests may start the real reference cloud.)
 func TestDomainLayering(t *testing.T) {
-	domain := []string{"identify", "queue", "upload", "reputation", "execwatch", "consent", "protect"}
+	domain := []string{"identify", "queue", "cloud", "upload", "reputation", "execwatch", "consent", "protect"}
 	forbidden := []string{module + "/agent/localapi", module + "/server", module + "/cmd", module + "/tray"}
 	for _, d := range domain {
 		for _, dep := range goDeps(t, false, "./"+d) {

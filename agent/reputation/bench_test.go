@@ -10,9 +10,8 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
-	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
@@ -20,7 +19,7 @@ import (
 
 // BenchmarkAskLoopback measures a bulk reputation lookup as the agent sees
 // it when an execution is held for the cloud's answer: Checker.Ask through
-// the real uploader (registration done, connection kept alive) to the
+// the real installation (registration done, connection kept alive) to the
 // reference cloud on loopback over SQLite, holding 10,000 feed verdicts.
 // The cloud runs in the benchmark's process and shares its CPU. Each
 // sub-benchmark reports the median and 99th percentile of one lookup of
@@ -42,8 +41,8 @@ func BenchmarkAskLoopback(b *testing.B) {
 	}
 	ts := httptest.NewServer(server.New(server.Config{Store: st, Rules: verdict.Default()}))
 	defer ts.Close()
-	up, err := upload.New(upload.Options{
-		Queue: uploadtest.NewQueue(0), StatePath: filepath.Join(b.TempDir(), upload.StateFile),
+	inst, err := cloud.Open(cloud.Options{
+		StatePath:        filepath.Join(b.TempDir(), cloud.StateFile),
 		Server:           func() string { return ts.URL },
 		Allowed:          func() bool { return true },
 		StatementVersion: func() int { return 1 },
@@ -51,7 +50,7 @@ func BenchmarkAskLoopback(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	c, err := reputation.New(reputation.Options{Lookup: up, Allowed: func() bool { return true }, Alert: func(api.Alert) {}})
+	c, err := reputation.New(reputation.Options{Lookup: inst, Allowed: func() bool { return true }, Alert: func(api.Alert) {}})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
-	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
@@ -21,7 +21,7 @@ import (
 
 // TestMaliciousHashRaisesAnAlertWithTheRealServer runs the reference
 // cloud on loopback over SQLite, imports a hash as malicious, and checks
-// that the agent's uploader and checker turn its sighting into an alert.
+// that the agent's installation and checker turn its sighting into an alert.
 func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -39,9 +39,8 @@ func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 	ts := httptest.NewServer(server.New(server.Config{Store: st, Rules: verdict.Default(), Now: clk.Now}))
 	defer ts.Close()
 
-	q := uploadtest.NewQueue(0)
-	up, err := upload.New(upload.Options{
-		Queue: q, StatePath: filepath.Join(t.TempDir(), upload.StateFile),
+	inst, err := cloud.Open(cloud.Options{
+		StatePath:        filepath.Join(t.TempDir(), cloud.StateFile),
 		Server:           func() string { return ts.URL },
 		Allowed:          func() bool { return true },
 		StatementVersion: func() int { return 1 },
@@ -53,7 +52,7 @@ func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 	var mu sync.Mutex
 	var alerts []api.Alert
 	c, err := reputation.New(reputation.Options{
-		Lookup:  up,
+		Lookup:  inst,
 		Allowed: func() bool { return true },
 		Alert: func(a api.Alert) {
 			mu.Lock()
@@ -67,7 +66,7 @@ func TestMaliciousHashRaisesAnAlertWithTheRealServer(t *testing.T) {
 	}
 	var wg sync.WaitGroup
 	errs := make(chan error, 2)
-	wg.Go(func() { errs <- up.Serve(ctx) })
+	wg.Go(func() { errs <- inst.Serve(ctx) })
 	wg.Go(func() { errs <- c.Serve(ctx) })
 	defer func() {
 		cancel()

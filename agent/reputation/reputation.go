@@ -17,8 +17,8 @@ import (
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/safetext"
-	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 
@@ -32,8 +32,8 @@ const (
 	DefaultMaxBackoff = 30 * time.Minute
 )
 
-// Lookuper answers bulk reputation lookups. *upload.Uploader is one: it
-// looks up with the installation's credentials and refuses while the
+// Lookuper answers bulk reputation lookups. *cloud.Installation is one:
+// it looks up with the installation's credentials and refuses while the
 // person does not participate.
 type Lookuper interface {
 	Lookup(ctx context.Context, hashes []string) ([]wire.Reputation, error)
@@ -48,8 +48,8 @@ type Options struct {
 	// Alert receives "malicious" and "untrusted" verdicts, from Serve's
 	// goroutine, without locks held. It must not block for long.
 	Alert func(api.Alert)
-	// Clock is the time; nil means upload.SystemClock.
-	Clock upload.Clock
+	// Clock is the time; nil means cloud.SystemClock.
+	Clock cloud.Clock
 	// Logger receives what happens; nil discards.
 	Logger *slog.Logger
 	// Window is how long hashes are gathered before a lookup (default
@@ -84,7 +84,7 @@ type Stats struct {
 type Checker struct {
 	opts  Options
 	log   *slog.Logger
-	clock upload.Clock
+	clock cloud.Clock
 	kick  chan struct{} // one slot: enough pending, or consent changed
 
 	mu sync.Mutex // protects the fields below
@@ -119,7 +119,7 @@ func New(opts Options) (*Checker, error) {
 		return nil, errors.New("create reputation checker: Lookup, Allowed and Alert are required")
 	}
 	if opts.Clock == nil {
-		opts.Clock = upload.SystemClock{}
+		opts.Clock = cloud.SystemClock{}
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -250,7 +250,7 @@ func (c *Checker) Serve(ctx context.Context) error {
 			}
 			continue
 		}
-		var t upload.Timer
+		var t cloud.Timer
 		var tc <-chan time.Time
 		if ok {
 			t = c.clock.NewTimer(wait)
@@ -337,11 +337,11 @@ func (c *Checker) lookup(ctx context.Context) {
 			return
 		}
 		c.failures++
-		wait := backoff(c.failures, c.opts.MinBackoff, c.opts.MaxBackoff, c.opts.Jitter)
+		wait := cloud.Backoff(c.failures, c.opts.MinBackoff, c.opts.MaxBackoff, c.opts.Jitter)
 		c.retryAt = now.Add(wait)
 		c.mu.Unlock()
 		level := slog.LevelWarn
-		if errors.Is(err, upload.ErrNotParticipating) {
+		if errors.Is(err, cloud.ErrNotParticipating) {
 			level = slog.LevelDebug // consent changed while the lookup was prepared
 		}
 		c.log.Log(ctx, level, "reputation lookup failed", "err", err, "hashes", len(batch), "retry_in", wait)
@@ -380,7 +380,7 @@ func (c *Checker) lookup(ctx context.Context) {
 // verdicts. Nothing is asked while the person does not participate.
 func (c *Checker) Ask(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
 	if !c.opts.Allowed() {
-		return nil, upload.ErrNotParticipating
+		return nil, cloud.ErrNotParticipating
 	}
 	if len(hashes) > wire.MaxLookupHashes {
 		return nil, fmt.Errorf("ask reputation: %d hashes, at most %d at once", len(hashes), wire.MaxLookupHashes)
@@ -455,17 +455,6 @@ func (c *Checker) Cached(sha256 string) (wire.Reputation, bool) {
 		return wire.Reputation{}, false
 	}
 	return wire.Reputation{SHA256: sha256, Verdict: e.verdict, Source: e.source}, true
-}
-
-// backoff returns the wait after n failures in a row: lo·2^(n-1) capped
-// at hi, with jitter taking it down by up to a half.
-func backoff(n int, lo, hi time.Duration, jitter func() float64) time.Duration {
-	d := lo
-	for i := 1; i < n && d < hi; i++ {
-		d *= 2
-	}
-	d = min(d, hi)
-	return d/2 + time.Duration(jitter()*float64(d/2))
 }
 
 // AlertFor builds the alert on a file from the agent's own facts: the

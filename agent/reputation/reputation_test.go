@@ -16,8 +16,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
-	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
@@ -311,7 +311,7 @@ func TestFailedLookupsBackOffAndRecover(t *testing.T) {
 func TestRefusedForConsentIsRetriedLater(t *testing.T) {
 	t.Parallel()
 	r := newRig(t, nil)
-	r.lk.err = upload.ErrNotParticipating
+	r.lk.err = cloud.ErrNotParticipating
 	r.c.Check(hash(1), "/usr/bin/a")
 	r.clk.WaitTimers(1, 5*time.Second)
 	r.clk.Advance(2 * time.Second)
@@ -363,7 +363,7 @@ func TestAskLooksUpAtOnceAndCaches(t *testing.T) {
 
 	r.allowed.Store(false)
 	calls := r.lk.callCount()
-	if _, err := r.c.Ask(context.Background(), []string{other}); !errors.Is(err, upload.ErrNotParticipating) {
+	if _, err := r.c.Ask(context.Background(), []string{other}); !errors.Is(err, cloud.ErrNotParticipating) {
 		t.Errorf("Ask while not participating = %v; want ErrNotParticipating", err)
 	}
 	if r.lk.callCount() != calls {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -58,9 +59,18 @@ func BenchmarkDrain100k(b *testing.B) {
 		b.StopTimer()
 		rs := newRealServer(b, time.Now)
 		q := uploadtest.NewQueue(0)
-		up, err := upload.New(upload.Options{
-			Queue: q, StatePath: filepath.Join(b.TempDir(), upload.StateFile),
+		inst, err := cloud.Open(cloud.Options{
+			StatePath:        filepath.Join(b.TempDir(), cloud.StateFile),
 			Server:           func() string { return rs.url },
+			Allowed:          func() bool { return true },
+			StatementVersion: func() int { return 1 },
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		up, err := upload.New(upload.Options{
+			Queue:            q,
+			Installation:     inst,
 			Allowed:          func() bool { return true },
 			StatementVersion: func() int { return 1 },
 			Interval:         24 * time.Hour, // only Send now sends
@@ -69,7 +79,8 @@ func BenchmarkDrain100k(b *testing.B) {
 			b.Fatal(err)
 		}
 		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
+		done := make(chan error, 2)
+		go func() { done <- inst.Serve(ctx) }()
 		go func() { done <- up.Serve(ctx) }()
 		// Serve's first pass finds the queue empty and schedules the next
 		// upload; then the records arrive.
@@ -91,6 +102,7 @@ func BenchmarkDrain100k(b *testing.B) {
 			b.Fatalf("SendNow = %+v, %v; want %d sent", res, err, n)
 		}
 		cancel()
+		<-done
 		<-done
 		b.StartTimer()
 	}

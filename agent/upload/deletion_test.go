@@ -3,14 +3,11 @@ package upload_test
 import (
 	"encoding/json"
 	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // stateOnDisk reads the state file as JSON.
@@ -40,7 +37,7 @@ func TestLeaveDeletesTheInstallation(t *testing.T) {
 	}
 	s.setMode(mode500) // the server cannot delete yet
 	h.allowed.Store(false)
-	if err := h.up.Leave(); err != nil {
+	if err := h.inst.Leave(); err != nil {
 		t.Fatalf("Leave: %v", err)
 	}
 	h.q.Purge()
@@ -87,7 +84,7 @@ func TestLeaveDeletesTheInstallation(t *testing.T) {
 
 	// Participating again registers a new installation.
 	h.allowed.Store(true)
-	h.up.Wake()
+	h.wake()
 	h.addRecords(100, 3, 1)
 	if _, err := h.sendNow(); err != nil {
 		t.Fatal(err)
@@ -112,7 +109,7 @@ func TestDeletionAlreadyGoneIsConfirmed(t *testing.T) {
 	s.deleted["inst-1"] = true // deleted before, for instance by an earlier run
 	s.mu.Unlock()
 	h.allowed.Store(false)
-	if err := h.up.Leave(); err != nil {
+	if err := h.inst.Leave(); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "a 404 (nothing stored under the ID) completes the deletion", func() bool { return !h.up.Status().DeletionPending })
@@ -121,7 +118,11 @@ func TestDeletionAlreadyGoneIsConfirmed(t *testing.T) {
 func TestLeaveAbortsTheBatchInFlight(t *testing.T) {
 	t.Parallel()
 	s := newScripted(t, nil)
-	h := newHarness(t, s.srv.URL, nil)
+	// Only Leave can end the request held by the server: no timeout of
+	// the client's does it first.
+	h := newHarness(t, s.srv.URL, func(o *options) {
+		o.cloud.Client.ResponseHeaderTimeout, o.cloud.Client.RequestTimeout = time.Hour, time.Hour
+	})
 	s.clk = h.clk
 	h.start()
 	h.idle()
@@ -136,17 +137,13 @@ func TestLeaveAbortsTheBatchInFlight(t *testing.T) {
 	h.addRecords(1, 50, 1)
 	result := make(chan error, 1)
 	go func() { _, err := h.sendNow(); result <- err }()
-	// Wait for the batch to reach the server.
-	deadline := time.Now().Add(5 * time.Second)
-	for s.postCount() < 2 && time.Now().Before(deadline) {
-		time.Sleep(2 * time.Millisecond)
-	}
+	eventually(t, "the batch reaches the server", func() bool { return s.postCount() >= 2 })
 	inflight := h.q.InFlight()
 	if inflight == "" {
 		t.Fatal("no batch in flight")
 	}
 	h.allowed.Store(false)
-	if err := h.up.Leave(); err != nil {
+	if err := h.inst.Leave(); err != nil {
 		t.Fatal(err)
 	}
 	h.q.Purge()
@@ -155,7 +152,7 @@ func TestLeaveAbortsTheBatchInFlight(t *testing.T) {
 		if err == nil {
 			t.Fatal("SendNow succeeded although the person left while it was in flight")
 		}
-	case <-time.After(5 * time.Second):
+	case <-time.After(settleLimit):
 		t.Fatal("Leave did not abort the request in flight")
 	}
 	close(gate)
@@ -178,68 +175,6 @@ func TestLeaveAbortsTheBatchInFlight(t *testing.T) {
 	}
 }
 
-func TestStateFileDamage(t *testing.T) {
-	t.Parallel()
-	good := `{"version":1,"installation":{"installation_id":"ABC","token":"cpt_x","server":"http://127.0.0.1:1"},` +
-		`"deletions":[{"installation_id":"OLD","token":"cpt_y","server":"http://127.0.0.1:1","requested":"2026-01-01T00:00:00Z"}],"records_sent":7,"batches_dropped":1}`
-	tests := []struct {
-		name       string
-		content    string
-		registered bool
-		deletion   bool
-		movedAside bool
-	}{
-		{name: "intact", content: good, registered: true, deletion: true},
-		{name: "empty file", content: "", movedAside: true},
-		{name: "truncated", content: good[:len(good)/2], movedAside: true},
-		{name: "garbage", content: "\x00\x01binary", movedAside: true},
-		{name: "other version", content: `{"version":9}`, movedAside: true},
-		{name: "invalid installation", content: strings.Replace(good, `"ABC"`, `"has space"`, 1), deletion: true},
-		{name: "insecure server", content: strings.Replace(good, `"http://127.0.0.1:1","requested"`, `"http://example.org","requested"`, 1), registered: true},
-		{name: "repeated ID", content: strings.Replace(good, `"OLD"`, `"ABC"`, 1), registered: true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			t.Parallel()
-			dir := t.TempDir()
-			path := filepath.Join(dir, upload.StateFile)
-			if err := os.WriteFile(path, []byte(tt.content), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			up, err := upload.New(upload.Options{
-				Queue: newNopQueue(), StatePath: path,
-				Server:           func() string { return "http://127.0.0.1:1" },
-				Allowed:          func() bool { return false },
-				StatementVersion: func() int { return 1 },
-			})
-			if err != nil {
-				t.Fatalf("New: %v", err)
-			}
-			st := up.Status()
-			if st.Registered != tt.registered || st.DeletionPending != tt.deletion {
-				t.Errorf("Status = %+v; want registered %v, deletion pending %v", st, tt.registered, tt.deletion)
-			}
-			aside, _ := filepath.Glob(path + ".corrupt-*")
-			if (len(aside) == 1) != tt.movedAside {
-				t.Errorf("moved aside: %v; want %v", aside, tt.movedAside)
-			}
-		})
-	}
-}
-
-type wireRecord = wire.Record
-
-// nopQueue is always empty.
-type nopQueue struct{}
-
-func newNopQueue() nopQueue { return nopQueue{} }
-
-func (nopQueue) TakeBatch(int) (string, []wireRecord, error) { return "", nil, nil }
-func (nopQueue) ReleaseBatch(string) error                   { return nil }
-func (nopQueue) MarkSent(string) error                       { return nil }
-func (nopQueue) DropBatch(string) error                      { return nil }
-func (nopQueue) Pending() int                                { return 0 }
-
 // The server accepts a batch, and the person leaves in the moment between
 // the answer's arrival and its use: the batch belongs to the installation
 // left behind (whose deletion is queued), so it is neither acknowledged
@@ -255,7 +190,7 @@ func TestLeaveRightAfterTheAnswer(t *testing.T) {
 	upload.SetAfterPost(h.up, func() {
 		leaveOnce.Do(func() {
 			h.allowed.Store(false)
-			leaveErr = h.up.Leave()
+			leaveErr = h.inst.Leave()
 		})
 	})
 	h.start()

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/store"
@@ -58,14 +58,14 @@ func newRealServer(t testing.TB, now func() time.Time) *realServer {
 }
 
 // credentials reads the current installation from the uploader's state.
-func credentials(t *testing.T, path string) upload.Credentials {
+func credentials(t *testing.T, path string) cloud.Credentials {
 	t.Helper()
 	data, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var st struct {
-		Installation *upload.Credentials `json:"installation"`
+		Installation *cloud.Credentials `json:"installation"`
 	}
 	if err := json.Unmarshal(data, &st); err != nil || st.Installation == nil {
 		t.Fatalf("no installation in the state (%v): %s", err, data)
@@ -129,7 +129,7 @@ func TestEndToEndWithTheRealServer(t *testing.T) {
 	// Leave: the server confirms the deletion and holds nothing of the
 	// installation.
 	h.allowed.Store(false)
-	if err := h.up.Leave(); err != nil {
+	if err := h.inst.Leave(); err != nil {
 		t.Fatal(err)
 	}
 	h.q.Purge()
@@ -175,7 +175,7 @@ func TestEnrollSecretWithTheRealServer(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			h := newHarness(t, "", func(o *upload.Options) { o.EnrollSecret = tc.secret })
+			h := newHarness(t, "", func(o *options) { o.cloud.EnrollSecret = tc.secret })
 			st, err := store.Open(ctx, "sqlite:"+filepath.Join(t.TempDir(), "cloud.db"), nil)
 			if err != nil {
 				t.Fatal(err)

@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/testenv"
-	"github.com/cloudprotect/cloudprotect/agent/upload"
 )
 
 const nobody = 65534
@@ -42,12 +42,12 @@ func TestLoopbackServerOfAnotherUserRefused(t *testing.T) {
 	}
 	s := newScriptedOn(t, ln)
 	for _, system := range []bool{false, true} {
-		h := newHarness(t, s.srv.URL, func(o *upload.Options) { o.Client.System = system })
+		h := newHarness(t, s.srv.URL, func(o *options) { o.cloud.Client.System = system })
 		s.clk = h.clk
 		h.addRecords(0, 10, 1)
 		h.start()
 		_, err := h.sendNow()
-		var ee *upload.EndpointError
+		var ee *cloud.EndpointError
 		switch {
 		case system && !errors.As(err, &ee):
 			t.Errorf("system agent: send to %s = %v; want an EndpointError", s.srv.URL, err)
@@ -75,7 +75,7 @@ func TestUnixSocketServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := newScriptedOn(t, ln)
-	h := newHarness(t, "unix://"+sock, func(o *upload.Options) { o.Client.System = true })
+	h := newHarness(t, "unix://"+sock, func(o *options) { o.cloud.Client.System = true })
 	s.clk = h.clk
 	h.addRecords(0, 10, 1)
 	h.start()
@@ -104,7 +104,7 @@ func TestUnixSocketServer(t *testing.T) {
 	}
 	s2 := newScriptedOn(t, ln2)
 	for _, system := range []bool{false, true} {
-		h := newHarness(t, "unix://"+theirs, func(o *upload.Options) { o.Client.System = system })
+		h := newHarness(t, "unix://"+theirs, func(o *options) { o.cloud.Client.System = system })
 		s2.clk = h.clk
 		h.addRecords(0, 10, 1)
 		h.start()
@@ -134,7 +134,7 @@ func TestCAFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	caPath := ca
-	h := newHarness(t, s.srv.URL, func(o *upload.Options) { o.CAFile = func() string { return caPath } })
+	h := newHarness(t, s.srv.URL, func(o *options) { o.cloud.CAFile = func() string { return caPath } })
 	s.clk = h.clk
 	h.addRecords(0, 10, 1)
 	h.start()
@@ -163,12 +163,12 @@ func TestNoServerSendsNothing(t *testing.T) {
 	h := newHarness(t, "", nil)
 	h.addRecords(0, 10, 1)
 	h.start()
-	if _, err := h.sendNow(); !errors.Is(err, upload.ErrNoServer) {
+	if _, err := h.sendNow(); !errors.Is(err, cloud.ErrNoServer) {
 		t.Errorf("send without a server = %v; want ErrNoServer", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if _, err := h.up.Lookup(ctx, []string{strings.Repeat("a", 64)}); !errors.Is(err, upload.ErrNoServer) {
+	if _, err := h.inst.Lookup(ctx, []string{strings.Repeat("a", 64)}); !errors.Is(err, cloud.ErrNoServer) {
 		t.Errorf("lookup without a server = %v; want ErrNoServer", err)
 	}
 	st := h.up.Status()

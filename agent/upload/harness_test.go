@@ -20,6 +20,8 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
+	"github.com/cloudprotect/cloudprotect/agent/internal/idle"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -340,43 +342,63 @@ func (s *scripted) hashCounts() map[string]uint64 {
 	return out
 }
 
-// harness runs one Uploader over a fake clock and an in-memory queue.
+// harness runs one Installation and one Uploader over a fake clock and
+// an in-memory queue.
 type harness struct {
-	t       *testing.T
-	clk     *uploadtest.Clock
-	q       *uploadtest.Queue
-	up      *upload.Uploader
-	state   string
-	allowed atomic.Bool
-	server  atomic.Value // string
-	cancel  context.CancelFunc
-	done    chan error
-	opts    upload.Options
+	t    *testing.T
+	clk  *uploadtest.Clock
+	q    *uploadtest.Queue
+	inst *cloud.Installation
+	up   *upload.Uploader
+	// instIdle and upIdle follow the Serve loops of inst and up.
+	instIdle, upIdle *idle.Loop
+	state            string
+	allowed          atomic.Bool
+	server           atomic.Value // string
+	cancel           context.CancelFunc
+	done             chan error
+	opts             options
 }
 
-func newHarness(t *testing.T, serverURL string, tweak func(*upload.Options)) *harness {
+// options are what a test may change before the harness opens the
+// installation and the uploader.
+type options struct {
+	upload.Options
+	cloud cloud.Options
+}
+
+func newHarness(t *testing.T, serverURL string, tweak func(*options)) *harness {
 	h := &harness{
 		t:     t,
 		clk:   uploadtest.NewClock(start),
 		q:     uploadtest.NewQueue(0),
-		state: filepath.Join(t.TempDir(), upload.StateFile),
+		state: filepath.Join(t.TempDir(), cloud.StateFile),
 	}
 	h.allowed.Store(true)
 	h.server.Store(serverURL)
-	h.opts = upload.Options{
-		Queue:            h.q,
+	logger := slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	jitter := func() float64 { return 0.99 }
+	h.opts.cloud = cloud.Options{
 		StatePath:        h.state,
 		Server:           func() string { return h.server.Load().(string) },
 		Allowed:          h.allowed.Load,
 		StatementVersion: func() int { return 1 },
 		AgentVersion:     "test",
 		Clock:            h.clk,
-		Logger:           slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})),
-		Jitter:           func() float64 { return 0.99 },
-		Client: upload.ClientOptions{
+		Logger:           logger,
+		Jitter:           jitter,
+		Client: cloud.ClientOptions{
 			ResponseHeaderTimeout: 10 * time.Second,
 			RequestTimeout:        20 * time.Second,
 		},
+	}
+	h.opts.Options = upload.Options{
+		Queue:            h.q,
+		Allowed:          h.allowed.Load,
+		StatementVersion: func() int { return 1 },
+		Clock:            h.clk,
+		Logger:           logger,
+		Jitter:           jitter,
 	}
 	if tweak != nil {
 		tweak(&h.opts)
@@ -385,19 +407,32 @@ func newHarness(t *testing.T, serverURL string, tweak func(*upload.Options)) *ha
 	return h
 }
 
-// open makes a new Uploader over the same state file, as a restart does.
+// open makes a new Installation and Uploader over the same state file, as
+// a restart does.
 func (h *harness) open() {
-	up, err := upload.New(h.opts)
+	h.instIdle, h.upIdle = &idle.Loop{}, &idle.Loop{}
+	copts := h.opts.cloud
+	copts.Idle = h.instIdle
+	inst, err := cloud.Open(copts)
+	if err != nil {
+		h.t.Fatalf("Open: %v", err)
+	}
+	opts := h.opts.Options
+	opts.Installation = inst
+	opts.Idle = h.upIdle
+	up, err := upload.New(opts)
 	if err != nil {
 		h.t.Fatalf("New: %v", err)
 	}
-	h.up = up
+	h.inst, h.up = inst, up
 }
 
+// start runs the installation and the uploader until stop.
 func (h *harness) start() {
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
-	h.done = make(chan error, 1)
+	h.done = make(chan error, 2)
+	go func() { h.done <- h.inst.Serve(ctx) }()
 	go func() { h.done <- h.up.Serve(ctx) }()
 	h.t.Cleanup(h.stop)
 }
@@ -408,38 +443,74 @@ func (h *harness) stop() {
 	}
 	h.cancel()
 	h.cancel = nil
-	select {
-	case err := <-h.done:
-		if err != context.Canceled {
-			h.t.Errorf("Serve returned %v; want context.Canceled", err)
+	for range 2 {
+		select {
+		case err := <-h.done:
+			if err != context.Canceled {
+				h.t.Errorf("Serve returned %v; want context.Canceled", err)
+			}
+		case <-time.After(10 * time.Second):
+			h.t.Fatal("Serve did not return after cancel")
 		}
-	case <-time.After(10 * time.Second):
-		h.t.Fatal("Serve did not return after cancel")
 	}
 }
 
-// runFor lets fake time pass: it waits until the uploader sleeps on a
-// timer, moves the time to that timer, and repeats until d has passed.
+// wake tells the installation and the uploader that consent changed, as
+// the agent does.
+func (h *harness) wake() {
+	h.inst.Wake()
+	h.up.Wake()
+}
+
+// runFor lets fake time pass: it waits until the installation and the
+// uploader are asleep with nothing pending, moves the time to the next
+// timer and fires it, waits until they have done what it woke them for,
+// and repeats until d has passed. When nothing is scheduled, the time
+// moves to the end at once.
 func (h *harness) runFor(d time.Duration) {
 	h.t.Helper()
 	limit := h.clk.Now().Add(d)
+	var rounds uint64
 	for {
-		if !h.clk.WaitTimers(1, 5*time.Second) {
-			// Nothing scheduled (not participating, nothing to delete).
-			h.clk.AdvanceToNext(limit)
-			return
-		}
+		rounds = h.settle(rounds)
 		if _, fired := h.clk.AdvanceToNext(limit); !fired {
 			return
 		}
+		rounds++ // the loop woken has not slept again yet
 	}
 }
 
-// idle waits until the uploader sleeps on a timer.
+// idle waits until the installation and the uploader are asleep with
+// nothing pending, and checks that the uploader sleeps on a timer.
 func (h *harness) idle() {
 	h.t.Helper()
-	if !h.clk.WaitTimers(1, 5*time.Second) {
-		h.t.Fatal("the uploader never went back to sleep")
+	h.settle(0)
+	if h.clk.Timers() == 0 {
+		h.t.Fatal("the uploader went back to sleep with nothing scheduled")
+	}
+}
+
+// settleLimit bounds, in real time, how long settle waits for the
+// installation and the uploader to finish what they were asked: only a
+// loop that never sleeps again takes that long.
+const settleLimit = 2 * time.Minute
+
+// settle waits until the installation and the uploader are both asleep
+// with nothing pending, after going to sleep at least rounds times in
+// all, and returns how many times they have.
+func (h *harness) settle(rounds uint64) uint64 {
+	h.t.Helper()
+	deadline := time.Now().Add(settleLimit)
+	for {
+		a, ra := h.instIdle.Settled()
+		b, rb := h.upIdle.Settled()
+		if a && b && ra+rb >= rounds {
+			return ra + rb
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("the uploader never went back to sleep (installation settled %v, uploader settled %v)", a, b)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -457,10 +528,11 @@ func (h *harness) sendNow() (int, error) {
 	return res.Sent, err
 }
 
-// eventually waits, for at most 10 s of real time, until cond holds.
+// eventually waits until cond holds; only a condition that never comes
+// true makes it wait settleLimit and fail.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(settleLimit)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
 	"github.com/cloudprotect/cloudprotect/agent/upload/uploadtest"
 	"github.com/cloudprotect/cloudprotect/wire"
@@ -113,9 +114,9 @@ func TestFaultsLoseNothingAndDoNotBusyLoop(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
 			s := newScripted(t, nil)
-			h := newHarness(t, s.srv.URL, func(o *upload.Options) {
+			h := newHarness(t, s.srv.URL, func(o *options) {
 				if tt.mode == modeSlow {
-					o.Client.ResponseHeaderTimeout = 2 * time.Second
+					o.cloud.Client.ResponseHeaderTimeout = 2 * time.Second
 				}
 			})
 			s.clk = h.clk
@@ -237,7 +238,7 @@ func TestRedirectIsNotFollowed(t *testing.T) {
 	s.setMode(modeRedirect)
 	h.addRecords(10, 10, 1)
 	_, err := h.sendNow()
-	var se *upload.StatusError
+	var se *cloud.StatusError
 	if !errors.As(err, &se) || se.Code != http.StatusTemporaryRedirect {
 		t.Fatalf("SendNow with a redirect = %v; want a StatusError 307", err)
 	}
@@ -278,7 +279,7 @@ func TestUntrustedCertificateIsRefused(t *testing.T) {
 	// With the server's root trusted, the same records go through.
 	roots := x509.NewCertPool()
 	roots.AddCert(s.srv.Certificate())
-	h.opts.Client.TLS = &tls.Config{RootCAs: roots}
+	h.opts.cloud.Client.TLS = &tls.Config{RootCAs: roots}
 	h.open()
 	h.start()
 	if _, err := h.sendNow(); err != nil {
@@ -287,7 +288,7 @@ func TestUntrustedCertificateIsRefused(t *testing.T) {
 	wantAllDelivered(t, s, h, 10, 1)
 
 	// Turning verification off is refused.
-	if _, err := upload.NewClient(s.srv.URL, upload.ClientOptions{TLS: &tls.Config{InsecureSkipVerify: true}}); err == nil {
+	if _, err := cloud.NewClient(s.srv.URL, cloud.ClientOptions{TLS: &tls.Config{InsecureSkipVerify: true}}); err == nil {
 		t.Error("NewClient with InsecureSkipVerify succeeded")
 	}
 }
@@ -438,19 +439,19 @@ func TestNothingIsSentWithoutConsent(t *testing.T) {
 	h.addRecords(0, 2000, 1)
 	h.start()
 	h.up.Nudge()
-	if _, err := h.sendNow(); !errors.Is(err, upload.ErrNotParticipating) {
+	if _, err := h.sendNow(); !errors.Is(err, cloud.ErrNotParticipating) {
 		t.Fatalf("SendNow without consent = %v; want ErrNotParticipating", err)
 	}
-	if _, err := h.up.Lookup(context.Background(), []string{uploadtest.Record(0, 1, start).SHA256}); !errors.Is(err, upload.ErrNotParticipating) {
+	if _, err := h.inst.Lookup(context.Background(), []string{uploadtest.Record(0, 1, start).SHA256}); !errors.Is(err, cloud.ErrNotParticipating) {
 		t.Fatalf("Lookup without consent = %v; want ErrNotParticipating", err)
 	}
 	// Nothing is scheduled: time passes without any timer to fire.
-	time.Sleep(20 * time.Millisecond)
+	h.settle(0)
 	if n := h.clk.Timers(); n != 0 {
 		t.Errorf("%d timers pending without consent and without deletions; want none", n)
 	}
 	h.clk.Advance(3 * time.Hour)
-	time.Sleep(20 * time.Millisecond)
+	h.settle(0)
 	if n := s.totalRequests(); n != 0 {
 		t.Fatalf("the server received %d requests without consent; want none", n)
 	}
@@ -459,7 +460,7 @@ func TestNothingIsSentWithoutConsent(t *testing.T) {
 	}
 
 	h.allowed.Store(true)
-	h.up.Wake()
+	h.wake()
 	h.runFor(time.Minute)
 	h.idle()
 	wantAllDelivered(t, s, h, 2000, 1)
@@ -481,10 +482,7 @@ func TestScheduleIntervalAndNudge(t *testing.T) {
 	}
 	h.addRecords(999, 1, 1)
 	h.up.Nudge()
-	deadline := time.Now().Add(5 * time.Second)
-	for s.postCount() == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	h.settle(0)
 	if n := s.postCount(); n != 1 {
 		t.Fatalf("%d batches sent after a nudge with 1,000 pending; want 1", n)
 	}
@@ -505,7 +503,7 @@ func TestScheduleIntervalAndNudge(t *testing.T) {
 func TestOversizedBatchIsCutSmaller(t *testing.T) {
 	t.Parallel()
 	s := newScripted(t, nil)
-	h := newHarness(t, s.srv.URL, func(o *upload.Options) { o.MaxBatchBytes = 20_000 })
+	h := newHarness(t, s.srv.URL, func(o *options) { o.MaxBatchBytes = 20_000 })
 	s.clk = h.clk
 	h.start()
 	h.idle()
@@ -552,32 +550,6 @@ func TestServerChangeDeletesTheOldInstallation(t *testing.T) {
 	}
 }
 
-func TestParseRetryAfter(t *testing.T) {
-	t.Parallel()
-	now := start
-	tests := []struct {
-		name, v string
-		want    time.Duration
-	}{
-		{"empty", "", 0},
-		{"seconds", "120", 120 * time.Second},
-		{"zero", "0", 0},
-		{"negative", "-5", 0},
-		{"huge", "999999999999", 7 * 24 * time.Hour},
-		{"date", now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second},
-		{"past date", now.Add(-time.Hour).Format(http.TimeFormat), 0},
-		{"garbage", "soon", 0},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			t.Parallel()
-			if got := upload.ParseRetryAfter(tt.v, now); got != tt.want {
-				t.Errorf("ParseRetryAfter(%q) = %s; want %s", tt.v, got, tt.want)
-			}
-		})
-	}
-}
-
 func TestLookupSendsHashesAndKeepsOnlyWhatWasAsked(t *testing.T) {
 	t.Parallel()
 	s := newScripted(t, nil)
@@ -586,7 +558,7 @@ func TestLookupSendsHashesAndKeepsOnlyWhatWasAsked(t *testing.T) {
 	bad := uploadtest.Record(1, 1, start).SHA256
 	s.verdicts[bad] = wire.VerdictMalicious
 	h.start()
-	reps, err := h.up.Lookup(context.Background(), []string{uploadtest.Record(0, 1, start).SHA256, bad})
+	reps, err := h.inst.Lookup(context.Background(), []string{uploadtest.Record(0, 1, start).SHA256, bad})
 	if err != nil || len(reps) != 2 || reps[1].Verdict != wire.VerdictMalicious {
 		t.Fatalf("Lookup = %+v, %v", reps, err)
 	}
@@ -632,7 +604,7 @@ func TestSendRespectsBackoffUnlessForced(t *testing.T) {
 func TestScrubBeforeSending(t *testing.T) {
 	t.Parallel()
 	s := newScripted(t, nil)
-	h := newHarness(t, s.srv.URL, func(o *upload.Options) {
+	h := newHarness(t, s.srv.URL, func(o *options) {
 		o.Scrub = func(recs []wire.Record) []wire.Record {
 			out := slices.Clone(recs)
 			for i := range out {

@@ -15,7 +15,7 @@ import (
 
 	"github.com/chromedp/chromedp"
 
-	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/console"
 	"github.com/cloudprotect/cloudprotect/server/store"
@@ -203,7 +203,7 @@ func TestConsoleInABrowser(t *testing.T) {
 	shot("console-file-decided")
 
 	// The agent's next lookup sees it.
-	cl, err := upload.NewClient(ts.URL, upload.ClientOptions{})
+	cl, err := cloud.NewClient(ts.URL, cloud.ClientOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

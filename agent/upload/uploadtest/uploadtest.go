@@ -1,6 +1,6 @@
-// Package uploadtest provides fakes for testing code that uses package
-// upload: a Clock whose time moves only when the test says so, and an
-// in-memory Queue with the batch semantics of the agent's queue.
+// Package uploadtest provides fakes for testing code that uses packages
+// upload and cloud: a Clock whose time moves only when the test says so,
+// and an in-memory Queue with the batch semantics of the agent's queue.
 package uploadtest
 
 import (
@@ -11,11 +11,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 
-// Clock is a fake upload.Clock. Its timers fire only when Advance moves
+// Clock is a fake cloud.Clock. Its timers fire only when Advance moves
 // the time past them.
 type Clock struct {
 	mu     sync.Mutex // protects the fields below
@@ -46,7 +46,7 @@ func (c *Clock) Now() time.Time {
 
 // NewTimer returns a timer that fires when the fake time reaches now+d;
 // at once when d ≤ 0.
-func (c *Clock) NewTimer(d time.Duration) upload.Timer {
+func (c *Clock) NewTimer(d time.Duration) cloud.Timer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	t := &timer{c: c, at: c.now.Add(d), ch: make(chan time.Time, 1)}

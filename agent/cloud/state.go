@@ -1,4 +1,4 @@
-package upload
+package cloud
 
 import (
 	"encoding/json"
@@ -43,8 +43,8 @@ type Deletion struct {
 	Requested time.Time `json:"requested"`
 }
 
-// state is the uploader's state file, "upload.json" beside the agent's
-// other state.
+// state is the Installation's state file, "upload.json" beside the
+// agent's other state. It also keeps the uploader's counters (Totals).
 //
 // # On disk
 //
@@ -74,18 +74,27 @@ type Deletion struct {
 // the old or the new content, and a stray temporary file is ignored. A
 // file damaged otherwise (not JSON, another version) is renamed to
 // "upload.json.corrupt-<UTC time>" with an error in the log, and the
-// uploader starts afresh: it registers a new installation when the person
+// agent starts afresh: it registers a new installation when the person
 // participates. Deletion requests in such a file cannot be recovered;
 // the renamed file keeps them for an administrator. Invalid entries in an
 // otherwise readable file are dropped one by one with a warning.
 type state struct {
-	Version        int          `json:"version"`
-	Installation   *Credentials `json:"installation,omitempty"`
-	Deletions      []Deletion   `json:"deletions,omitempty"`
-	LastUpload     *time.Time   `json:"last_upload,omitempty"`
-	RecordsSent    uint64       `json:"records_sent"`
-	BatchesDropped uint64       `json:"batches_dropped"`
-	RecordsRefused uint64       `json:"records_refused,omitempty"`
+	Version      int          `json:"version"`
+	Installation *Credentials `json:"installation,omitempty"`
+	Deletions    []Deletion   `json:"deletions,omitempty"`
+	Totals
+}
+
+// Totals are the uploader's counters, kept in the state file.
+type Totals struct {
+	// LastUpload is when a batch was last accepted.
+	LastUpload *time.Time `json:"last_upload,omitempty"`
+	// RecordsSent are the records the server accepted, ever.
+	RecordsSent uint64 `json:"records_sent"`
+	// BatchesDropped are the batches the server refused for good, ever.
+	BatchesDropped uint64 `json:"batches_dropped"`
+	// RecordsRefused are the records the server refused for good, ever.
+	RecordsRefused uint64 `json:"records_refused,omitempty"`
 }
 
 // loadState reads the state file. problems lists what was repaired, for
@@ -128,8 +137,7 @@ func loadState(path string, now time.Time) (st state, problems []string, err err
 		seen[d.InstallationID] = true
 		st.Deletions = append(st.Deletions, d)
 	}
-	st.LastUpload = got.LastUpload
-	st.RecordsSent, st.BatchesDropped, st.RecordsRefused = got.RecordsSent, got.BatchesDropped, got.RecordsRefused
+	st.Totals = got.Totals
 	return st, problems, nil
 }
 

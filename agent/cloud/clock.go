@@ -1,10 +1,10 @@
-package upload
+package cloud
 
 import "time"
 
-// Clock is the time as the uploader and the reputation checker see it.
-// Tests pass a fake one (uploadtest.Clock) so that hours of backoff take
-// no real time.
+// Clock is the time as the installation, the uploader and the reputation
+// checker see it. Tests pass a fake one (uploadtest.Clock) so that hours
+// of backoff take no real time.
 type Clock interface {
 	Now() time.Time
 	// NewTimer returns a timer that fires once after d.

@@ -1,4 +1,4 @@
-package upload_test
+package cloud_test
 
 import (
 	"bytes"
@@ -9,13 +9,13 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/cloudprotect/cloudprotect/agent/upload"
+	"github.com/cloudprotect/cloudprotect/agent/cloud"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 
 // FuzzParseResponse feeds hostile answers to the agent's response
 // parsing: it must never panic, never read past its bounds, and either
-// fail or yield values the uploader can use.
+// fail or yield values the installation can use.
 //
 // Seeds are the answers in testdata/answers ("status content-type
 // retry-after", a newline, the body); each file's name
@@ -45,11 +45,11 @@ func FuzzParseResponse(f *testing.F) {
 		h.Set("Retry-After", retryAfter)
 		for _, v := range []any{&wire.Registration{}, &wire.BatchResult{}, &wire.LookupResponse{}, nil} {
 			r := &countingReader{r: bytes.NewReader(body)}
-			err := upload.ParseResponse("test", code, h, r, start, v)
-			if r.n > upload.MaxResponseBytes+1 {
-				t.Fatalf("read %d bytes; the bound is %d", r.n, upload.MaxResponseBytes)
+			err := cloud.ParseResponse("test", code, h, r, start, v)
+			if r.n > cloud.MaxResponseBytes+1 {
+				t.Fatalf("read %d bytes; the bound is %d", r.n, cloud.MaxResponseBytes)
 			}
-			var se *upload.StatusError
+			var se *cloud.StatusError
 			if errors.As(err, &se) {
 				if se.Code != code || se.RetryAfter < 0 || len(se.Message) > 300 || len(se.Hint) > 300 {
 					t.Fatalf("StatusError %+v for code %d", se, code)
@@ -64,12 +64,12 @@ func FuzzParseResponse(f *testing.F) {
 		}
 		if code >= 200 && code <= 299 {
 			var res wire.LookupResponse
-			if upload.ParseResponse("test", code, h, bytes.NewReader(body), start, &res) == nil {
+			if cloud.ParseResponse("test", code, h, bytes.NewReader(body), start, &res) == nil {
 				asked := make([]string, 0, len(res.Results))
 				for _, r := range res.Results {
 					asked = append(asked, r.SHA256)
 				}
-				for _, r := range upload.CheckReputations(res.Results, asked) {
+				for _, r := range cloud.CheckReputations(res.Results, asked) {
 					switch r.Verdict {
 					case wire.VerdictTrusted, wire.VerdictUntrusted, wire.VerdictMalicious, wire.VerdictUnknown:
 					default:

@@ -1,14 +1,7 @@
-// Package upload is the agent's side of the Security Network cloud: a
-// hardened HTTP client for the cloud's API (Client) and the Uploader,
-// which registers the installation, sends the statistics queue in
-// compressed batches with patient backoff, and carries deletion requests
-// to the server until it confirms them. Nothing that carries statistics
-// or hashes leaves the machine unless the person participates.
-package upload
+package cloud
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -101,7 +94,7 @@ type ClientOptions struct {
 
 // Client talks to one Security Network server. It is safe for concurrent
 // use. It sends only what its callers pass; the consent gate is the
-// Uploader's.
+// Installation's.
 type Client struct {
 	base *url.URL
 	hc   *http.Client
@@ -206,41 +199,7 @@ func (c *Client) Register(ctx context.Context, req wire.RegisterRequest) (wire.R
 	return reg, nil
 }
 
-// EncodeBatch returns the body of POST /v1/statistics for b: its JSON,
-// gzip-compressed.
-func EncodeBatch(b *wire.Batch) ([]byte, error) {
-	gz, _, err := encodeBatch(b)
-	return gz, err
-}
-
-// encodeBatch is EncodeBatch; it also returns the size of the JSON, which
-// the server bounds too (wire.MaxBatchDecoded).
-func encodeBatch(b *wire.Batch) (gz []byte, decoded int, err error) {
-	var buf bytes.Buffer
-	zw := gzip.NewWriter(&buf)
-	cw := &countWriter{w: zw}
-	if err := json.NewEncoder(cw).Encode(b); err != nil {
-		return nil, 0, fmt.Errorf("encode batch: %w", err)
-	}
-	if err := zw.Close(); err != nil {
-		return nil, 0, fmt.Errorf("encode batch: %w", err)
-	}
-	return buf.Bytes(), cw.n, nil
-}
-
-// countWriter counts what is written through it.
-type countWriter struct {
-	w io.Writer
-	n int
-}
-
-func (c *countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += n
-	return n, err
-}
-
-// PostBatch sends a batch encoded by EncodeBatch: POST /v1/statistics
+// PostBatch sends a batch, gzip-compressed JSON: POST /v1/statistics
 // with Content-Encoding: gzip and the batch ID as Idempotency-Key, so
 // that a retry of a batch the server already counted is not counted again.
 func (c *Client) PostBatch(ctx context.Context, token, batchID string, gz []byte) (wire.BatchResult, error) {
