@@ -30,6 +30,9 @@ type benchConsumer struct {
 func (c *benchConsumer) run(out <-chan []Event) {
 	for b := range out {
 		for _, ev := range b {
+			if ev.Kind != KindExec {
+				continue // the connector's process events
+			}
 			c.events.Add(1)
 			if sameFile(ev, c.st) {
 				c.matched.Add(1)
@@ -48,11 +51,11 @@ type benchSource struct {
 	wg     sync.WaitGroup
 }
 
-func startBenchSource(b *testing.B, bin string, st *unix.Stat_t, window time.Duration) *benchSource {
+func startBenchSource(b *testing.B, bin string, st *unix.Stat_t, window time.Duration, noConnector bool) *benchSource {
 	b.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &benchSource{
-		src:    NewFanotify(Options{BatchWindow: window}),
+		src:    NewFanotify(Options{BatchWindow: window, NoConnector: noConnector}),
 		c:      &benchConsumer{st: st, first: make(chan struct{})},
 		cancel: cancel,
 	}
@@ -121,7 +124,7 @@ func BenchmarkExecThroughput(b *testing.B) {
 		}
 		off = append(off, res.PerSecond())
 
-		s := startBenchSource(b, bin, st, 0)
+		s := startBenchSource(b, bin, st, 0, false)
 		before := s.c.matched.Load()
 		res, _, err = spawn.RunChild(context.Background(), cfg)
 		if err != nil {
@@ -163,9 +166,10 @@ func cpuTime() time.Duration {
 
 // BenchmarkExecCPU measures the CPU time this process spends per exec
 // while a child process spawns the program at 1,000 execs/s for two
-// seconds: without a source, then with the fanotify source at several
-// batch windows. The source's cost is the difference. It also measures the
-// source's CPU while nothing executes.
+// seconds: without a source, then with the fanotify source (and the
+// process events connector beside it) at several longest batch windows,
+// and without the connector. The source's cost is the difference. It
+// also measures the source's CPU while nothing executes.
 func BenchmarkExecCPU(b *testing.B) {
 	bin, st := benchSetup(b)
 	cfg := spawn.Config{Path: bin, Workers: 2, Rate: 1000, Duration: 2 * time.Second}
@@ -181,11 +185,17 @@ func BenchmarkExecCPU(b *testing.B) {
 	base := float64(baseCPU.Microseconds()) / float64(baseRes.Execs)
 
 	for _, w := range []struct {
-		name   string
-		window time.Duration
-	}{{"window=none", -1}, {"window=10ms", 10 * time.Millisecond}, {"window=50ms", DefaultBatchWindow}} {
+		name        string
+		window      time.Duration
+		noConnector bool
+	}{
+		{"window=none", -1, false},
+		{"window=10ms", 10 * time.Millisecond, false},
+		{"window=100ms", DefaultBatchWindow, false},
+		{"window=100ms,no-connector", DefaultBatchWindow, true},
+	} {
 		b.Run(w.name, func(b *testing.B) {
-			s := startBenchSource(b, bin, st, w.window)
+			s := startBenchSource(b, bin, st, w.window, w.noConnector)
 			before := s.c.matched.Load()
 			events0 := s.c.events.Load()
 			cpu, res := measure()
@@ -201,7 +211,7 @@ func BenchmarkExecCPU(b *testing.B) {
 		})
 	}
 	b.Run("idle", func(b *testing.B) {
-		s := startBenchSource(b, bin, st, DefaultBatchWindow)
+		s := startBenchSource(b, bin, st, DefaultBatchWindow, false)
 		c0, e0 := cpuTime(), s.c.events.Load()
 		time.Sleep(2 * time.Second)
 		cpu, events := cpuTime()-c0, s.c.events.Load()-e0
