@@ -315,9 +315,12 @@ func (a *Agent) publishStatus(ctx context.Context) error {
 }
 
 // afterBatch runs after events were queued: the uploader sends early when
-// enough is pending.
+// enough is pending. It is woken only then: below the threshold a nudge
+// would wake it for nothing at every batch.
 func (a *Agent) afterBatch() {
-	a.upload.Nudge()
+	if a.queue.Stats().Pending >= upload.DefaultNudgeThreshold {
+		a.upload.Nudge()
+	}
 	a.statusChanged()
 }
 
