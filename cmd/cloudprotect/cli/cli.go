@@ -111,8 +111,8 @@ var commands = []command{
 		"Stops participating in the Security Network: nothing more is collected or sent, statistics not sent yet are deleted " +
 			"from this computer, and the Security Network is asked to delete what it received from it.\n\n" +
 			"  --yes    do not ask for confirmation\n", cmdLeave},
-	{"queue", "queue [--json]", "show exactly what would be sent next",
-		"Shows the statistics waiting to be sent, exactly as the next upload would send them.\n\n" +
+	{"queue", "queue [--json]", "show everything waiting to be sent",
+		"Shows every statistics record waiting to be sent, exactly as the cloud would receive it: the batch waiting for the cloud's answer first (marked *), then the rest, with totals.\n\n" +
 			"  --json   print every field as JSON\n", cmdQueue},
 	{"send", "send", "send pending statistics now",
 		"Sends the statistics waiting to be sent now, instead of at the next regular upload.\n", cmdSend},
