@@ -269,6 +269,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		service{"installation", a.install.Serve},
 		service{"upload", a.upload.Serve},
 		service{"reputation", a.rep.Serve},
+		service{"senders", a.wakeSenders},
 		service{"protect", a.protect},
 	)
 	a.log.Info("agent stopped")

@@ -75,6 +75,13 @@ func (g *Guard) decide(ctx context.Context, e *event) {
 		g.allow(s, true)
 		return
 	}
+	if err := g.unavailable(); err != nil {
+		// Nothing can be asked: allowed without a mark, so that its
+		// next execution is checked once a server can be used.
+		g.c.skipped.Add(1)
+		g.allow(s, false)
+		return
+	}
 	if !g.circ.allowHold(time.Now()) {
 		g.c.skipped.Add(1)
 		g.allow(s, true)
@@ -84,6 +91,24 @@ func (g *Guard) decide(ctx context.Context, e *event) {
 		g.c.busy.Add(1)
 		g.release(e)
 	}
+}
+
+// unavailable returns why the cloud cannot be asked at all, or nil, and
+// logs it once per change.
+func (g *Guard) unavailable() error {
+	err := g.opts.Reputation.Unavailable()
+	why := ""
+	if err != nil {
+		why = err.Error()
+	}
+	g.toldMu.Lock()
+	changed := why != g.told
+	g.told = why
+	g.toldMu.Unlock()
+	if changed && err != nil {
+		g.log.Info("unfamiliar programs run without waiting for the Security Network, which cannot be asked", "problem", why)
+	}
+	return err
 }
 
 // verdict acts on the Security Network's verdict on s.

@@ -1,14 +1,17 @@
 package protect
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -35,7 +38,14 @@ type fakeRep struct {
 	delay   time.Duration     // Ask answers after it
 	stall   bool              // Ask waits for its context
 	err     error             // Ask fails with it
+	problem error             // Unavailable's answer
 	asked   [][]string
+}
+
+func (f *fakeRep) Unavailable() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.problem
 }
 
 func (f *fakeRep) Cached(h string) (wire.Reputation, bool) {
@@ -550,5 +560,36 @@ func TestLateAnswerKeepsCircuitOpen(t *testing.T) {
 		if !r.g.Stats().CircuitOpen {
 			t.Error("a late answer closed the circuit")
 		}
+	})
+}
+
+// While the cloud cannot be asked at all (no server is configured), an
+// unfamiliar program is neither held nor asked about: it runs at once,
+// without an ignore mark, so that it is checked once a server can be
+// used; why is logged once, however many programs run.
+func TestNoServerAllowsAtOnceAndSaysSoOnce(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		var logs bytes.Buffer
+		r := newRig(t, func(o *Options) { o.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+		r.rep.set(func(f *fakeRep) { f.problem = errors.New("no Security Network server is configured: nothing is sent") })
+		for i := range 5 {
+			p, _ := r.program(fmt.Sprintf("unfamiliar-%d", i))
+			r.expect(r.exec(p), unix.FAN_ALLOW, "without a server (at once)")
+			time.Sleep(time.Minute)
+		}
+		if n := r.rep.askCount(); n != 0 {
+			t.Errorf("the cloud was asked %d times without a server; want never", n)
+		}
+		if st := r.g.Stats(); st.Held != 0 || st.Marked != 0 || st.Skipped != 5 || st.CircuitOpen {
+			t.Errorf("stats = %+v; want 5 skipped, none held or marked, the circuit closed", st)
+		}
+		if n := strings.Count(logs.String(), "no Security Network server"); n != 1 {
+			t.Errorf("logged %d times; want once:\n%s", n, logs.String())
+		}
+
+		// A server can be used: the next unfamiliar program is held.
+		r.rep.set(func(f *fakeRep) { f.problem = nil; f.stall = true })
+		p, _ := r.program("after")
+		r.unanswered(r.exec(p), "with a server")
 	})
 }

@@ -47,6 +47,10 @@ type Reputation interface {
 	Cached(sha256 string) (wire.Reputation, bool)
 	// Ask looks hashes up now, within ctx, and caches the answers.
 	Ask(ctx context.Context, hashes []string) ([]wire.Reputation, error)
+	// Unavailable says why nothing can be asked until the configuration
+	// changes (no server is configured, or not one that may be used), or
+	// nil. It must be cheap: it is asked before every hold.
+	Unavailable() error
 }
 
 // Defaults of Options.
@@ -115,7 +119,8 @@ type Stats struct {
 	Busy   uint64 `json:"busy"`
 	Failed uint64 `json:"failed"`
 	// Skipped counts unfamiliar programs allowed without asking because
-	// the circuit was open (the cloud recently failed to answer in time).
+	// the circuit was open (the cloud recently failed to answer in time)
+	// or the cloud cannot be asked at all (no server is configured).
 	Skipped uint64 `json:"skipped"`
 	// CircuitOpen is set while first-sight holds are skipped.
 	CircuitOpen bool `json:"circuit_open"`
@@ -162,6 +167,11 @@ type Guard struct {
 
 	lastMu    sync.Mutex // protects lastBlock
 	lastBlock *api.Alert
+
+	// toldMu protects told: why the cloud could not be asked, as last
+	// logged, so that it is logged once per change of configuration.
+	toldMu sync.Mutex
+	told   string
 
 	ask asker
 }

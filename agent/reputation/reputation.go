@@ -37,6 +37,10 @@ const (
 // person does not participate.
 type Lookuper interface {
 	Lookup(ctx context.Context, hashes []string) ([]wire.Reputation, error)
+	// Problem says why no lookup can be made whatever is tried (no
+	// server is configured, or not one that may be used), or nil. Only a
+	// change of configuration ends it.
+	Problem() error
 }
 
 // Options configure a Checker. Lookup, Allowed and Alert are required.
@@ -104,6 +108,12 @@ type Checker struct {
 	retryAt  time.Time
 	failures int
 	stats    Stats
+	// unavailable is the Lookuper's Problem when Serve last looked: no
+	// lookup is tried, and nothing wakes Serve but Wake, until it is
+	// gone. told is the problem last logged, so that it is logged once
+	// per change of configuration.
+	unavailable error
+	told        string
 }
 
 type entry struct {
@@ -146,14 +156,15 @@ func New(opts Options) (*Checker, error) {
 		opts.Jitter = rand.Float64
 	}
 	return &Checker{
-		opts:     opts,
-		log:      opts.Logger,
-		clock:    opts.Clock,
-		kick:     make(chan struct{}, 1),
-		pending:  map[string]string{},
-		inflight: map[string]string{},
-		cache:    map[string]*list.Element{},
-		lru:      list.New(),
+		opts:        opts,
+		log:         opts.Logger,
+		clock:       opts.Clock,
+		kick:        make(chan struct{}, 1),
+		pending:     map[string]string{},
+		inflight:    map[string]string{},
+		cache:       map[string]*list.Element{},
+		lru:         list.New(),
+		unavailable: opts.Lookup.Problem(),
 	}, nil
 }
 
@@ -200,14 +211,16 @@ func (c *Checker) Check(sha256, anonPath string) {
 	c.pending[sha256] = anonPath
 	c.order = append(c.order, sha256)
 	full := len(c.pending) >= c.opts.Batch
+	unavailable := c.unavailable != nil
 	c.mu.Unlock()
-	if first || full {
+	if (first || full) && !unavailable {
 		c.Wake() // Serve starts the window, or looks up at once
 	}
 }
 
-// Wake makes Serve look again at what is pending: call it when consent
-// changes. It never blocks.
+// Wake makes Serve look again at what is pending and at whether lookups
+// can be made: call it when consent or the configuration (the server,
+// its certificate authorities) changes. It never blocks.
 func (c *Checker) Wake() {
 	select {
 	case c.kick <- struct{}{}:
@@ -242,6 +255,7 @@ func (c *Checker) Stats() Stats {
 // ctx.Err().
 func (c *Checker) Serve(ctx context.Context) error {
 	for {
+		c.checkAvailable()
 		wait, ok := c.due()
 		if ok && wait <= 0 {
 			c.lookup(ctx)
@@ -270,8 +284,45 @@ func (c *Checker) Serve(ctx context.Context) error {
 	}
 }
 
+// checkAvailable asks the Lookuper whether lookups can be made at all,
+// and logs the answer once per change while the person participates.
+func (c *Checker) checkAvailable() {
+	p := c.opts.Lookup.Problem()
+	c.setAvailable(p)
+}
+
+func (c *Checker) setAvailable(p error) {
+	allowed := c.opts.Allowed()
+	c.mu.Lock()
+	c.unavailable = p
+	before := c.told
+	switch {
+	case p != nil && allowed:
+		c.told = p.Error()
+	case p == nil:
+		c.told = ""
+	}
+	now := c.told
+	c.mu.Unlock()
+	switch {
+	case now != "" && now != before:
+		c.log.Warn("reputation lookups wait until a Security Network server can be used: programs are not checked with the cloud", "problem", now)
+	case now == "" && before != "":
+		c.log.Info("a Security Network server can be used again: reputation lookups resume")
+	}
+}
+
+// Unavailable says why no lookup can be made until the configuration
+// changes (no server, or not one that may be used), or nil. It is cheap:
+// the answer Serve got when it last looked.
+func (c *Checker) Unavailable() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.unavailable
+}
+
 // due returns how long until the next lookup; false when nothing is
-// pending or the person does not participate.
+// pending, the person does not participate or no lookup can be made.
 func (c *Checker) due() (time.Duration, bool) {
 	if !c.opts.Allowed() {
 		return 0, false
@@ -279,7 +330,7 @@ func (c *Checker) due() (time.Duration, bool) {
 	now := c.clock.Now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if len(c.pending) == 0 {
+	if len(c.pending) == 0 || c.unavailable != nil {
 		return 0, false
 	}
 	at := c.oldest.Add(c.opts.Window)
@@ -316,6 +367,10 @@ func (c *Checker) lookup(ctx context.Context) {
 	}
 
 	reps, err := c.opts.Lookup.Lookup(ctx, batch)
+	var problem error
+	if err != nil {
+		problem = c.opts.Lookup.Problem()
+	}
 
 	now := c.clock.Now()
 	c.mu.Lock()
@@ -334,6 +389,13 @@ func (c *Checker) lookup(ctx context.Context) {
 		c.order = append(batch, c.order...)
 		if ctx.Err() != nil {
 			c.mu.Unlock()
+			return
+		}
+		if problem != nil {
+			// The configuration changed meanwhile: no retry until it
+			// changes again.
+			c.mu.Unlock()
+			c.setAvailable(problem)
 			return
 		}
 		c.failures++
@@ -381,6 +443,9 @@ func (c *Checker) lookup(ctx context.Context) {
 func (c *Checker) Ask(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
 	if !c.opts.Allowed() {
 		return nil, cloud.ErrNotParticipating
+	}
+	if err := c.Unavailable(); err != nil {
+		return nil, err
 	}
 	if len(hashes) > wire.MaxLookupHashes {
 		return nil, fmt.Errorf("ask reputation: %d hashes, at most %d at once", len(hashes), wire.MaxLookupHashes)

@@ -40,12 +40,38 @@ type fakeLookup struct {
 	calls    [][]string
 	err      error
 	block    chan struct{} // when set, lookups wait on it
+	problem  error         // Problem's answer
+	asked    int           // calls of Problem
+}
+
+func (f *fakeLookup) Problem() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.asked++
+	return f.problem
+}
+
+func (f *fakeLookup) setProblem(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.problem = err
+}
+
+// problemChecks returns how often Problem was called: once each time
+// the checker's Serve wakes up.
+func (f *fakeLookup) problemChecks() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.asked
 }
 
 func (f *fakeLookup) Lookup(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
 	f.mu.Lock()
 	f.calls = append(f.calls, slices.Clone(hashes))
 	block, err := f.block, f.err
+	if f.problem != nil {
+		err = f.problem // as the installation refuses
+	}
 	f.mu.Unlock()
 	if block != nil {
 		select {
@@ -403,3 +429,5 @@ type lookupFunc func(ctx context.Context, hashes []string) ([]wire.Reputation, e
 func (f lookupFunc) Lookup(ctx context.Context, hashes []string) ([]wire.Reputation, error) {
 	return f(ctx, hashes)
 }
+
+func (lookupFunc) Problem() error { return nil }
