@@ -241,14 +241,12 @@ func orDiscard(l *slog.Logger) *slog.Logger {
 // descriptor that fired stays quiet until it is armed again, so events
 // that arrive while a batch gathers or is read wake nobody.
 type readiness struct {
-	f   *os.File // the epoll instance
-	rc  syscall.RawConn
-	evs []unix.EpollEvent
-	arm map[int32]uint32 // descriptor → events to arm it for
-	// registered lists the descriptors; off those taken out by disarm.
-	registered []int32
-	off        map[int32]bool
-	stop       func() bool
+	f    *os.File // the epoll instance
+	rc   syscall.RawConn
+	evs  []unix.EpollEvent
+	arm  map[int32]uint32 // descriptor → events to arm it for
+	off  map[int32]bool   // descriptors taken out by disarm
+	stop func() bool
 }
 
 // newReadiness makes an epoll instance whose waits end when ctx is
@@ -276,7 +274,6 @@ func newReadiness(ctx context.Context) (*readiness, error) {
 // add watches fd for events (EPOLLIN), armed.
 func (r *readiness) add(fd int, events uint32) error {
 	r.arm[int32(fd)] = events
-	r.registered = append(r.registered, int32(fd))
 	return r.ctl(unix.EPOLL_CTL_ADD, fd, events|unix.EPOLLONESHOT)
 }
 

@@ -333,3 +333,47 @@ func TestCacheForgetAndServe(t *testing.T) {
 		t.Errorf("identify after Forget: %v, %+v", err, again.Stats())
 	}
 }
+
+// FuzzReadCache reads arbitrary bytes as a cache file: it never panics,
+// and what it accepts holds no more entries than allowed, each of them
+// facts the agent could have made.
+func FuzzReadCache(f *testing.F) {
+	dir, err := os.MkdirTemp("", "fuzz-cache-")
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	id := New(Options{CachePath: filepath.Join(dir, "c")})
+	for i := range 3 {
+		p := filepath.Join(dir, fmt.Sprint("p", i))
+		if err := os.WriteFile(p, []byte(fmt.Sprintf("#!/bin/sh\necho %d\n", i)), 0o755); err != nil {
+			f.Fatal(err)
+		}
+		if _, _, err := id.IdentifyPath(p); err != nil {
+			f.Fatal(err)
+		}
+	}
+	if err := id.Save(); err != nil {
+		f.Fatal(err)
+	}
+	if good, err := os.ReadFile(filepath.Join(dir, "c")); err == nil {
+		f.Add(good)
+	}
+	f.Add([]byte(cacheHeader + "\n{\"fs\":[]}\n{\"entries\":0,\"sha256\":\"\"}\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		const limit = 8
+		entries, _, err := readCache(bytes.NewReader(data), limit)
+		if err != nil {
+			return
+		}
+		if len(entries) > limit {
+			t.Fatalf("%d entries accepted, limit %d", len(entries), limit)
+		}
+		for _, e := range entries {
+			line := entryLine{Size: e.key.size, Facts: e.facts}
+			if err := checkEntry(&line); err != nil {
+				t.Fatalf("accepted an entry the check refuses: %v", err)
+			}
+		}
+	})
+}
