@@ -13,8 +13,10 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"path"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/cloud"
@@ -177,6 +179,7 @@ func (c *Checker) Check(sha256, anonPath string) {
 	if !wire.ValidSHA256(sha256) || !c.opts.Allowed() {
 		return
 	}
+	anonPath = pathTail(anonPath)
 	now := c.clock.Now()
 	c.mu.Lock()
 	if el, ok := c.cache[sha256]; ok {
@@ -216,6 +219,27 @@ func (c *Checker) Check(sha256, anonPath string) {
 	if (first || full) && !unavailable {
 		c.Wake() // Serve starts the window, or looks up at once
 	}
+}
+
+// maxPathKept bounds the path kept with each pending hash for its alert,
+// so MaxPending hashes hold at most a few MiB whatever the paths' lengths.
+const maxPathKept = 256
+
+// pathTail returns p, or its last maxPathKept bytes behind "…/" (cut at a
+// component where it can, never inside a character), keeping the
+// program's name and the folders nearest to it.
+func pathTail(p string) string {
+	if len(p) <= maxPathKept {
+		return p
+	}
+	t := p[len(p)-maxPathKept:]
+	if i := strings.IndexByte(t, '/'); i >= 0 && i < len(t)-1 {
+		return "…" + t[i:]
+	}
+	for len(t) > 0 && !utf8.RuneStart(t[0]) {
+		t = t[1:]
+	}
+	return "…/" + t
 }
 
 // Wake makes Serve look again at what is pending and at whether lookups

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -431,3 +432,46 @@ func (f lookupFunc) Lookup(ctx context.Context, hashes []string) ([]wire.Reputat
 }
 
 func (lookupFunc) Problem() error { return nil }
+
+// A hostile local user can run programs with 4 KiB paths; the paths kept
+// for alerts while the cloud cannot be reached stay bounded, and an alert
+// still names the program and the folders nearest to it.
+func TestPendingPathsAreBounded(t *testing.T) {
+	r := newRig(t, func(o *reputation.Options) { o.MaxPending = 10_000 })
+	deep := "~/" + strings.Repeat("deep-folder/", 340) // about 4 KiB
+	unreachable := make(chan struct{})                // the lookups hang
+	r.lk.mu.Lock()
+	r.lk.block = unreachable
+	r.lk.mu.Unlock()
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for i := range 10_000 {
+		r.c.Check(hash(i), fmt.Sprintf("%sprog-%d", deep, i))
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if grew := int64(after.HeapAlloc) - int64(before.HeapAlloc); grew > 8<<20 {
+		t.Errorf("10,000 pending hashes with 4 KiB paths hold %d MiB; want at most 8", grew>>20)
+	}
+	if p := r.c.Stats().Pending; p < 10_000 {
+		t.Fatalf("%d hashes pending; want 10,000 or more", p)
+	}
+	r.lk.mu.Lock()
+	r.lk.block = nil
+	r.lk.mu.Unlock()
+	close(unreachable)
+
+	r.lk.mu.Lock()
+	r.lk.verdicts[hash(20_000)] = wire.VerdictMalicious
+	r.lk.mu.Unlock()
+	r.c.Forget()
+	r.c.Check(hash(20_000), deep+"évil-\u00e9-tool")
+	r.clk.WaitTimers(1, 5*time.Second)
+	r.clk.Advance(2 * time.Second)
+	eventually(t, "an alert", func() bool { return len(r.gotAlerts()) == 1 })
+	a := r.gotAlerts()[0]
+	if a.Program != "évil-é-tool" || !strings.HasPrefix(a.Path, "…/deep-folder/") || !strings.HasSuffix(a.Path, "/évil-é-tool") || len(a.Path) > 300 {
+		t.Errorf("alert path %q (%d bytes), program %q; want the path's tail behind …/ and the program's name", a.Path, len(a.Path), a.Program)
+	}
+}
