@@ -439,7 +439,7 @@ func (lookupFunc) Problem() error { return nil }
 func TestPendingPathsAreBounded(t *testing.T) {
 	r := newRig(t, func(o *reputation.Options) { o.MaxPending = 10_000 })
 	deep := "~/" + strings.Repeat("deep-folder/", 340) // about 4 KiB
-	unreachable := make(chan struct{})                // the lookups hang
+	unreachable := make(chan struct{})                 // the lookups hang
 	r.lk.mu.Lock()
 	r.lk.block = unreachable
 	r.lk.mu.Unlock()
