@@ -588,7 +588,7 @@ func (a *Agent) Upload(ctx context.Context, force bool) (api.UploadResult, error
 	}
 	if err != nil {
 		return res, &localapi.HTTPError{Code: http.StatusBadGateway, Msg: "send statistics: " + err.Error(),
-			Hint: "the statistics stay queued and are sent later; `cloudprotect status` shows the next attempt"}
+			Hint: "the statistics stay queued and are sent later; `cloudprotect status` shows the next attempt", Upload: &res}
 	}
 	return res, nil
 }

@@ -4,6 +4,9 @@ package i18n
 // holds only the messages whose words depend on a number.
 var en = Catalog{
 	Plurals: map[Key]Forms{
+		"%d records refused by the server and dropped": {Arg: 1,
+			One:   "%d record refused by the server and dropped",
+			Other: "%d records refused by the server and dropped"},
 		"%d new detections": {Arg: 1,
 			One:   "%d new detection",
 			Other: "%d new detections",

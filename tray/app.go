@@ -764,7 +764,11 @@ func (a *App) sendNow(ctx context.Context) {
 		a.notify(Note{Title: a.p.Sprintf("Statistics were not sent"), Body: a.errText(err), Icon: icons.Limited})
 		return
 	}
-	a.notify(Note{Title: a.p.Sprintf("Statistics sent"), Body: a.p.Sprintf("Sent: %d. Still waiting: %d.\n", r.Sent, r.Pending), Icon: icons.Participating})
+	body := a.p.Sprintf("Sent: %d. Still waiting: %d.\n", r.Sent, r.Pending)
+	if r.Refused > 0 {
+		body += a.p.Sprintf("Refused by the server and dropped: %d.\n", r.Refused)
+	}
+	a.notify(Note{Title: a.p.Sprintf("Statistics sent"), Body: body, Icon: icons.Participating})
 }
 
 // errText is an agent error as a person reads it: the message and, when the

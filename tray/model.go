@@ -172,6 +172,15 @@ func Build(v View, p *i18n.Printer) Menu {
 	if pa.Notice != "" {
 		details = append(details, safetext.Line(pa.Notice))
 	}
+	sending := s.Upload.Problem == ""
+	if on && !sending {
+		// Why nothing is sent; `cloudprotect status` says how to fix it.
+		if strings.TrimSpace(s.Upload.Server) == "" {
+			details = append(details, p.Sprintf("Nothing is sent: no Security Network server is configured"))
+		} else {
+			details = append(details, p.Sprintf("Nothing is sent: %s", short(s.Upload.Problem, 72)))
+		}
+	}
 	if len(details) > 0 {
 		m.Detail = Item{Label: strings.Join(details, " · "), Visible: true}
 	}
@@ -187,7 +196,7 @@ func Build(v View, p *i18n.Printer) Menu {
 		sent = p.Sprintf("last sent %s", when(*t, v.Now, p))
 	}
 	m.Stats.Label = p.Sprintf("Statistics: %d pending · %s", s.Queue.Pending, sent)
-	m.SendNow.Enabled = on && s.Queue.Pending > 0
+	m.SendNow.Enabled = on && sending && s.Queue.Pending > 0
 
 	m.Tooltip = tooltip(s, on, sent, unseen, p)
 	return m

@@ -49,6 +49,15 @@ func paused(s *api.Status) {
 	s.Participation.Collecting = false
 	s.Participation.AcceptedVersion = 2
 }
+func noServer(s *api.Status) {
+	s.Upload.Problem = "no Security Network server is configured: nothing is sent"
+	s.Upload.ProblemHint = `set "server" in /etc/cloudprotect/policy.json`
+}
+func serverRefused(s *api.Status) {
+	s.Upload.Server = "http://10.0.0.1"
+	s.Upload.Problem = `server "http://10.0.0.1" is not used: plain HTTP is used only to a server on this computer (loopback)`
+	s.Upload.ProblemHint = "use https://"
+}
 func limited(reason string) func(*api.Status) {
 	return func(s *api.Status) { s.Agent.Limited = true; s.Agent.LimitedReason = reason }
 }
@@ -139,6 +148,36 @@ func TestBuild(t *testing.T) {
 				icon: icons.Limited, tooltip: "Cloud protection: on, limited · 0 pending · never sent",
 				status: "Cloud protection is on", detail: "Limited: the agent sees fewer programs than it should",
 				participate: LabelJoined, canParticiate: true, checked: true, action: Leave,
+				stats: "Statistics: 0 pending · never sent", statement: true,
+			},
+		},
+		{
+			name: "participating, no server configured",
+			view: View{Status: status("participating", pending(7), noServer)},
+			want: want{
+				icon: icons.Participating, tooltip: "Cloud protection: on · 7 pending · never sent",
+				status: "Cloud protection is on", detail: "Nothing is sent: no Security Network server is configured",
+				participate: LabelJoined, canParticiate: true, checked: true, action: Leave,
+				stats: "Statistics: 7 pending · never sent", statement: true,
+			},
+		},
+		{
+			name: "participating, the server configured is not used",
+			view: View{Status: status("participating", pending(7), serverRefused)},
+			want: want{
+				icon: icons.Participating, tooltip: "Cloud protection: on · 7 pending · never sent",
+				status: "Cloud protection is on", detail: `Nothing is sent: server "http://10.0.0.1" is not used: plain HTTP is used only to a serv…`,
+				participate: LabelJoined, canParticiate: true, checked: true, action: Leave,
+				stats: "Statistics: 7 pending · never sent", statement: true,
+			},
+		},
+		{
+			name: "declined, no server configured",
+			view: View{Status: status("declined", noServer)},
+			want: want{
+				icon: icons.Declined, tooltip: "Cloud protection: off (not participating)",
+				status:      "Cloud protection is off: you do not participate in the Security Network",
+				participate: LabelJoin, canParticiate: true, action: Join,
 				stats: "Statistics: 0 pending · never sent", statement: true,
 			},
 		},

@@ -308,4 +308,7 @@ type ExceptionList struct {
 type Error struct {
 	Error string `json:"error"`
 	Hint  string `json:"hint,omitempty"`
+	// Upload is, for POST /v1/upload, what was sent and refused before
+	// the error stopped the sending.
+	Upload *UploadResult `json:"upload,omitempty"`
 }

@@ -76,6 +76,8 @@ type APIError struct {
 	StatusCode int
 	Message    string
 	Hint       string
+	// Upload is what a send did before it failed, when the agent says.
+	Upload *api.UploadResult
 }
 
 func (e *APIError) Error() string { return e.Message }
@@ -267,5 +269,5 @@ func decodeError(resp *http.Response) error {
 	if json.Unmarshal(b, &e) != nil || e.Error == "" {
 		e.Error = fmt.Sprintf("agent answered %s", resp.Status)
 	}
-	return &APIError{StatusCode: resp.StatusCode, Message: e.Error, Hint: e.Hint}
+	return &APIError{StatusCode: resp.StatusCode, Message: e.Error, Hint: e.Hint, Upload: e.Upload}
 }

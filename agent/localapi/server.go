@@ -58,6 +58,8 @@ type HTTPError struct {
 	Code int
 	Msg  string
 	Hint string
+	// Upload is what a send did before it failed.
+	Upload *api.UploadResult
 }
 
 func (e *HTTPError) Error() string { return e.Msg }
@@ -461,7 +463,7 @@ func writeBackendError(w http.ResponseWriter, err error) {
 	var ve *consent.VersionError
 	switch {
 	case errors.As(err, &he):
-		writeError(w, he.Code, he.Msg, he.Hint)
+		writeJSON(w, he.Code, api.Error{Error: he.Msg, Hint: he.Hint, Upload: he.Upload})
 	case errors.As(err, &le):
 		writeError(w, http.StatusForbidden, le.Error(),
 			"participation is managed by your organisation; ask your administrator to change "+le.Policy)

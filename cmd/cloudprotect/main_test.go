@@ -5,11 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -27,7 +30,8 @@ var agentBin string
 
 func TestMain(m *testing.M) {
 	testscript.Main(m, map[string]func(){
-		"cloudprotect": func() { os.Exit(cli.Main(os.Args[1:], cli.OSEnv())) },
+		"cloudprotect":           func() { os.Exit(cli.Main(os.Args[1:], cli.OSEnv())) },
+		"cloudprotect-fakeagent": func() { os.Exit(fakeAgent(os.Args[1:])) },
 	})
 }
 
@@ -92,6 +96,42 @@ func TestScripts(t *testing.T) {
 				ts.Check(err)
 				l.(*net.UnixListener).SetUnlinkOnClose(false)
 				ts.Check(l.Close())
+			},
+			// fakeagent PATH=[CODE:]FILE...: serves canned answers on
+			// $CLOUDPROTECT_SOCKET, for what a real agent does only with a
+			// real cloud behind it (a server refusing records): each request
+			// for PATH gets FILE's contents as JSON, with status CODE
+			// (default 200).
+			"fakeagent": func(ts *testscript.TestScript, neg bool, args []string) {
+				if len(args) == 0 {
+					ts.Fatalf("usage: fakeagent PATH=[CODE:]FILE...")
+				}
+				mux := http.NewServeMux()
+				for _, a := range args {
+					path, file, ok := strings.Cut(a, "=")
+					if !ok {
+						ts.Fatalf("fakeagent: want PATH=[CODE:]FILE, got %q", a)
+					}
+					code := http.StatusOK
+					if c, f, ok := strings.Cut(file, ":"); ok {
+						n, err := strconv.Atoi(c)
+						ts.Check(err)
+						code, file = n, f
+					}
+					body := ts.ReadFile(file)
+					mux.HandleFunc(path, func(w http.ResponseWriter, r *http.Request) {
+						w.Header().Set("Content-Type", "application/json")
+						w.WriteHeader(code)
+						io.WriteString(w, body)
+					})
+				}
+				sock := ts.Getenv("CLOUDPROTECT_SOCKET")
+				ts.Check(os.MkdirAll(filepath.Dir(sock), 0o755))
+				ln, err := net.Listen("unix", sock)
+				ts.Check(err)
+				srv := &http.Server{Handler: mux}
+				go srv.Serve(ln)
+				ts.Defer(func() { srv.Close() })
 			},
 			// startagent [flags...]: runs the real agent in user mode with its
 			// state under $WORK and waits until it answers.

@@ -338,8 +338,23 @@ func (r *runner) hint(err error) string {
 		return ae.Hint
 	case errors.Is(err, localapi.ErrUnreachable):
 		return r.unreachableHint()
+	case errors.Is(err, localapi.ErrNotAnAgent):
+		return r.notAnAgentHint()
 	}
 	return ""
+}
+
+// notAnAgentHint says what to do when the program on the socket runs as
+// another user: it cannot be the agent (that runs as root, or as you),
+// so nothing was sent to it.
+func (r *runner) notAnAgentHint() string {
+	switch r.socketFrom {
+	case socketFlag:
+		return r.p.Sprintf("check the path given with --socket: the agent's socket belongs to root (%s) or, for an agent of your own, to you", localapi.SystemSocket)
+	case socketEnv:
+		return r.p.Sprintf("CLOUDPROTECT_SOCKET names this socket: unset it to use the system agent, or point it at an agent of your own")
+	}
+	return r.p.Sprintf("another user's program holds the agent's socket: tell your administrator, and do not trust what it answers")
 }
 
 // unreachableHint says how to reach an agent: the one `make run` started
@@ -388,6 +403,9 @@ func (r *runner) devSocket() string {
 func (r *runner) wrap(err error) error {
 	if errors.Is(err, localapi.ErrUnreachable) {
 		return r.p.Wrap(localapi.ErrUnreachable, "the cloudprotect agent is not running (no answer on %s)", r.socket)
+	}
+	if errors.Is(err, localapi.ErrNotAnAgent) {
+		return r.p.Wrap(err, "the program answering on %s is not the cloudprotect agent: it runs as another user, so nothing was asked of it", r.socket)
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return r.p.Wrap(err, "the cloudprotect agent did not answer in time (on %s)", r.socket)

@@ -2,15 +2,18 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/consent"
+	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/safetext"
 	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/version"
@@ -126,8 +129,17 @@ func (r *runner) printStatus(w io.Writer, st api.Status) {
 		server = p.Sprintf("none configured")
 	}
 	row(p.Sprintf("server"), server)
+	if problem, hint := sendProblem(p, u); problem != "" {
+		row(p.Sprintf("sending"), p.Sprintf("stopped: %s", problem))
+		if hint != "" {
+			row(p.Sprintf("hint"), hint)
+		}
+	}
 	if u.LastUpload != nil {
 		row(p.Sprintf("last sent"), p.Sprintf("%s (sent so far: %d)", u.LastUpload.Local().Format("2006-01-02 15:04:05"), u.RecordsSent))
+	}
+	if u.RecordsRefused > 0 {
+		row(p.Sprintf("refused"), p.Sprintf("%d records refused by the server and dropped", u.RecordsRefused))
 	}
 	if u.LastError != "" {
 		row(p.Sprintf("last error"), u.LastError)
@@ -142,6 +154,20 @@ func (r *runner) printStatus(w io.Writer, st api.Status) {
 	if pa.Notice != "" {
 		p.Fprintf(w, "\nnote: %s\n", pa.Notice)
 	}
+}
+
+// sendProblem says why the agent sends nothing, and what to do about it:
+// in this language when no server is configured, else in the agent's
+// words. Both are "" when it can send.
+func sendProblem(p *i18n.Printer, u api.UploadInfo) (problem, hint string) {
+	switch {
+	case u.Problem == "":
+		return "", ""
+	case strings.TrimSpace(u.Server) == "":
+		return p.Sprintf("nothing is sent until a Security Network server is configured"),
+			p.Sprintf("set \"server\" in %s (for example https://securitynetwork.example.org), or start cloudprotectd with --server", consent.DefaultPolicyPath)
+	}
+	return safetext.Line(u.Problem), safetext.Line(u.ProblemHint)
 }
 
 // protectionLine says whether programs are blocked before they run.
@@ -351,14 +377,38 @@ func cmdSend(ctx context.Context, r *runner, args []string) error {
 		return err
 	}
 	res, err := r.client.Upload(ctx)
-	if err != nil {
+	var ae *localapi.APIError
+	switch {
+	case errors.As(err, &ae) && ae.Upload != nil && (ae.Upload.Sent > 0 || ae.Upload.Refused > 0):
+		// What was sent and refused before the error, then the error.
+		r.sent(*ae.Upload)
+		return err
+	case errors.As(err, &ae) && ae.StatusCode == http.StatusConflict:
+		// Nothing can be sent: said as status says it, when it says so.
+		if st, serr := r.client.Status(ctx); serr == nil {
+			if problem, hint := sendProblem(r.p, st.Upload); problem != "" && st.Participation.Collecting {
+				return &hintError{err: errors.New(problem), hint: hint}
+			}
+		}
+		return err
+	case err != nil:
 		return r.wrap(err)
 	}
-	r.p.Fprintf(r.env.Stdout, "Sent: %d. Still waiting: %d.\n", res.Sent, res.Pending)
-	if res.Message != "" {
-		r.p.Fprintf(r.env.Stdout, "The agent says: %s\n", safetext.Line(res.Message))
-	}
+	r.sent(res)
 	return nil
+}
+
+// sent reports exactly what a send did: the records the server accepted,
+// those it refused for good (they were dropped) and why, and what still
+// waits.
+func (r *runner) sent(res api.UploadResult) {
+	r.p.Fprintf(r.env.Stdout, "Sent: %d. Still waiting: %d.\n", res.Sent, res.Pending)
+	switch {
+	case res.Refused > 0 && res.RefusedReason != "":
+		r.p.Fprintf(r.env.Stdout, "Refused by the server and dropped: %d (the server said: %s).\n", res.Refused, safetext.Line(res.RefusedReason))
+	case res.Refused > 0:
+		r.p.Fprintf(r.env.Stdout, "Refused by the server and dropped: %d.\n", res.Refused)
+	}
 }
 
 func cmdVersion(ctx context.Context, r *runner, args []string) error {
