@@ -254,8 +254,9 @@ func consoleFixture(b *testing.B, st store.Store) (hashes []string) {
 }
 
 // BenchmarkConsoleQueries measures the console's queries over
-// consoleFixture: a file's page (search by SHA-256), the overview and
-// the work list of the newest rare files, as p50 and p99 latencies.
+// consoleFixture: a file's page (search by SHA-256), the overview, the
+// work list of the newest rare files, and the overview when a batch of
+// 1,000 new files is still to be summarized, as p50 and p99 latencies.
 func BenchmarkConsoleQueries(b *testing.B) {
 	benchBackends(b, func(b *testing.B, be storetest.Backend) {
 		dsn := be.NewDSN(b)
@@ -273,21 +274,47 @@ func BenchmarkConsoleQueries(b *testing.B) {
 			}
 			db.Close()
 		}
+		// The server's summarizer counts batches as they come; here it
+		// finds the whole fixture pending.
+		start := time.Now()
+		if err := st.Summarize(b.Context(), now); err != nil {
+			b.Fatal(err)
+		}
+		b.Logf("%s: summarized the fixture's 1,000 batches (%d reports) in %v", be.Name, 1000*399, time.Since(start).Round(time.Millisecond))
 		trust := verdict.Default().Trust(now)
+		batches := 0
 		for _, q := range []struct {
 			name string
-			run  func(i int) error
+			// prepare runs before each timed call, untimed.
+			prepare func(i int) error
+			run     func(i int) error
 		}{
-			{"file", func(i int) error { _, err := st.File(b.Context(), hashes[i%len(hashes)], trust); return err }},
-			{"overview", func(int) error { _, err := st.Overview(b.Context(), now); return err }},
-			{"worklist", func(int) error {
+			{name: "file", run: func(i int) error { _, err := st.File(b.Context(), hashes[i%len(hashes)], trust); return err }},
+			{name: "overview", run: func(int) error { _, err := st.Overview(b.Context(), now); return err }},
+			{name: "worklist", run: func(int) error {
 				_, err := st.RareFiles(b.Context(), now.Add(-7*24*time.Hour), 3, 100)
 				return err
 			}},
+			// A batch of 1,000 reports new to the cloud arrived since the
+			// summaries were last brought up to date: the overview counts
+			// it first.
+			{name: "overview-after-batch", prepare: func(i int) error {
+				batches++
+				recs := realisticRecords(1000, uint64(900_000+batches))
+				_, err := st.Ingest(b.Context(), fmt.Sprintf("inst-%04d", i%1000), fmt.Sprint("late", batches), server.Aggregate(recs), now)
+				return err
+			}, run: func(int) error { _, err := st.Overview(b.Context(), now); return err }},
 		} {
 			b.Run(q.name, func(b *testing.B) {
 				lat := make([]time.Duration, 0, b.N)
 				for i := range b.N {
+					if q.prepare != nil {
+						b.StopTimer()
+						if err := q.prepare(i); err != nil {
+							b.Fatal(err)
+						}
+						b.StartTimer()
+					}
 					start := time.Now()
 					if err := q.run(i); err != nil {
 						b.Fatal(err)

@@ -211,8 +211,10 @@ func TestTwoServersOneDatabase(t *testing.T) {
 	storetest.Run(t, func(t *testing.T, b storetest.Backend) {
 		t.Parallel()
 		dsn := b.NewDSN(t)
-		e1 := newEnvOn(t, storetest.Open(t, dsn))
-		e2 := newEnvOn(t, storetest.Open(t, dsn))
+		// Each server lets the installation send all its copies at once
+		// (by default a third would get 429 while two still arrive).
+		e1 := newEnvWith(t, server.Config{Store: storetest.Open(t, dsn), RegisterBurst: -1, MaxBodiesPerInstallation: 10})
+		e2 := newEnvWith(t, server.Config{Store: storetest.Open(t, dsn), RegisterBurst: -1, MaxBodiesPerInstallation: 10})
 		reg := e1.register()
 		bt := batch("same", realisticRecords(500, 1)...)
 		body := gz(t, mustJSON(t, bt))

@@ -214,7 +214,16 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if secret != nil {
 		log.Info("registrations need the enrollment secret", "file", *secretFile)
 	}
-	return server.Serve(ctx, l, server.New(cfg), log)
+	// The summarizer runs as long as the HTTP server, and is waited for
+	// before the store closes.
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
+	summarized := make(chan error, 1)
+	go func() { summarized <- (&server.Summarizer{Store: st, Logger: log}).Serve(ctx) }()
+	err = server.Serve(ctx, l, server.New(cfg), log)
+	stop()
+	<-summarized
+	return err
 }
 
 // readSecret reads an enrollment secret: the file's contents without

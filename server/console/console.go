@@ -29,7 +29,6 @@ import (
 	"path"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/cloudprotect/cloudprotect/server/feed"
@@ -79,16 +78,7 @@ type Console struct {
 	byName   *limit.Limiter // failed sign-ins per account
 	kdf      chan struct{}  // bounds password hashes computed at once
 	maxBytes int64
-
-	// The overview reads much of the store: it is computed at most once
-	// per overviewTTL for all analysts, and says as of when.
-	overviewMu sync.Mutex // protects overview and overviewAt, held while computing
-	overview   store.Overview
-	overviewAt time.Time
 }
-
-// overviewTTL is how long a computed overview is shown.
-const overviewTTL = 30 * time.Second
 
 // CookieName is the session cookie's name. The __Host- prefix makes the
 // browser refuse it unless it is Secure, host-only and for path /.
@@ -422,33 +412,11 @@ type overviewData struct {
 	MaxHour    int64
 }
 
-// currentOverview returns the overview computed in the last overviewTTL,
-// or computes it.
-func (c *Console) currentOverview(ctx context.Context) (store.Overview, time.Time, error) {
-	c.overviewMu.Lock()
-	defer c.overviewMu.Unlock()
-	now := c.now()
-	if !c.overviewAt.IsZero() && now.Sub(c.overviewAt) < overviewTTL && !now.Before(c.overviewAt) {
-		return c.overview, c.overviewAt, nil
-	}
-	o, err := c.cfg.Store.Overview(ctx, now)
-	if err != nil {
-		return store.Overview{}, time.Time{}, err
-	}
-	c.overview, c.overviewAt = o, now
-	return o, now, nil
-}
-
-// forgetOverview makes the next overview fresh: after a change an analyst
-// expects to see.
-func (c *Console) forgetOverview() {
-	c.overviewMu.Lock()
-	c.overviewAt = time.Time{}
-	c.overviewMu.Unlock()
-}
-
 func (c *Console) handleOverview(w http.ResponseWriter, r *http.Request, s *session) {
-	o, at, err := c.currentOverview(r.Context())
+	// The overview reads the store's summaries (a few milliseconds), so
+	// it is read afresh for every view.
+	at := c.now()
+	o, err := c.cfg.Store.Overview(r.Context(), at)
 	if err != nil {
 		c.storeError(w, r, s, err)
 		return
@@ -550,7 +518,6 @@ func (c *Console) handleVerdict(w http.ResponseWriter, r *http.Request, s *sessi
 		return
 	}
 	c.metrics.VerdictChanged(store.SourceAnalyst, 1)
-	c.forgetOverview()
 	c.log.InfoContext(r.Context(), "console: verdict set", "analyst", s.Analyst, "sha256", h, "verdict", orCleared(v), "reason", reason)
 	http.Redirect(w, r, "/console/files/"+h+"?saved=1", http.StatusSeeOther)
 }
@@ -683,7 +650,6 @@ func (c *Console) handleImport(w http.ResponseWriter, r *http.Request, s *sessio
 	}
 	d.Count, d.Done = counts[d.List], true
 	c.metrics.VerdictChanged(store.SourceFeed, d.Count.Added+d.Count.Removed)
-	c.forgetOverview()
 	c.log.InfoContext(r.Context(), "console: feed imported", "analyst", s.Analyst, "feed", d.Feed, "list", d.List,
 		"hashes", d.Count.Hashes, "added", d.Count.Added, "removed", d.Count.Removed)
 	c.render(w, r, http.StatusOK, "import", c.base(s, "Import a feed", "import", d))

@@ -291,7 +291,7 @@ func TestSetVerdict(t *testing.T) {
 		if p.status != 200 || !strings.Contains(p.body, `id="verdict">malicious`) || !strings.Contains(p.body, "&lt;b&gt;note&lt;/b&gt;") {
 			t.Fatalf("file page after the decision: %d\n%s", p.status, p.body)
 		}
-		// The overview, computed before, shows the decision at once.
+		// The overview, read before, shows the decision at once.
 		if p := s.get("/console/"); p.status != 200 || !strings.Contains(p.body, h[:16]) {
 			t.Fatalf("overview after the decision does not list it: %d", p.status)
 		}

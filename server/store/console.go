@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 )
 
@@ -80,46 +81,45 @@ const detectionWindow = 7 * 24 * time.Hour
 
 func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error) {
 	var o Overview
-	dayAgo := now.Add(-24 * time.Hour).Unix()
-	if err := s.read.QueryRowContext(ctx, s.d.rebind(`SELECT COUNT(*), COALESCE(SUM(CASE WHEN last_active >= ? THEN 1 ELSE 0 END), 0)
-		FROM installations`), dayAgo).Scan(&o.Installations, &o.ActiveInstallations); err != nil {
+	if err := s.Summarize(ctx, now); err != nil {
+		return o, fmt.Errorf("read overview: %w", err)
+	}
+	if err := s.read.QueryRowContext(ctx, "SELECT COUNT(*) FROM installations").Scan(&o.Installations); err != nil {
 		return o, fmt.Errorf("read overview: installations: %w", err)
 	}
-	hour := now.Unix() - now.Unix()%3600
-	from := hour - 23*3600
-	o.RecordsPerHour = make([]int64, 24)
-	err := s.query(ctx, `SELECT received_at - received_at % 3600, SUM(records) FROM batches WHERE received_at >= ?
-		GROUP BY received_at - received_at % 3600`, []any{from}, func(rows *sql.Rows) error {
-		var h, n int64
-		if err := rows.Scan(&h, &n); err != nil {
-			return err
-		}
-		if i := (h - from) / 3600; i >= 0 && i < 24 {
-			o.RecordsPerHour[i] += n
-		}
-		return nil
-	})
-	if err != nil {
-		return o, fmt.Errorf("read overview: records per hour: %w", err)
+	dayAgo := now.Add(-24 * time.Hour).Unix()
+	if err := s.read.QueryRowContext(ctx, s.d.rebind("SELECT COUNT(*) FROM installations WHERE last_active >= ?"), dayAgo).
+		Scan(&o.ActiveInstallations); err != nil {
+		return o, fmt.Errorf("read overview: active installations: %w", err)
 	}
+	from := hourOf(now.Unix()) - 23*3600
 	today := dayStart(now)
-	if err := s.read.QueryRowContext(ctx, s.d.rebind(`SELECT COUNT(DISTINCT s.sha256) FROM `+fmt.Sprintf(s.d.statsByTime, "s")+` WHERE s.created_at >= ?
-		AND NOT EXISTS (SELECT 1 FROM stats o WHERE o.sha256 = s.sha256 AND o.created_at < ?)`), today, today).Scan(&o.NewFilesToday); err != nil {
-		return o, fmt.Errorf("read overview: new files: %w", err)
+	o.RecordsPerHour = make([]int64, 24)
+	err := s.query(ctx, "SELECT hour, records, new_files FROM hourly WHERE hour >= ? AND hour < ?",
+		[]any{min(from, today), max(from+24*3600, today+86400)}, func(rows *sql.Rows) error {
+			var h, n, files int64
+			if err := rows.Scan(&h, &n, &files); err != nil {
+				return err
+			}
+			if i := (h - from) / 3600; h >= from && i < 24 {
+				o.RecordsPerHour[i] += n
+			}
+			if h >= today && h < today+86400 {
+				o.NewFilesToday += int(files)
+			}
+			return nil
+		})
+	if err != nil {
+		return o, fmt.Errorf("read overview: hourly summary: %w", err)
 	}
-	// Detections: files with a malicious verdict whose first report by
-	// some installation is recent. An analyst's decision overrides the
+	// Detections: files with a malicious verdict that an installation
+	// new to them reported recently. An analyst's decision overrides the
 	// feeds either way.
 	since := now.Add(-detectionWindow).Unix()
-	// The recent files are filtered to the malicious ones before their
-	// reports are counted: most recent files are common programs.
-	err = s.query(ctx, `WITH recent AS (SELECT DISTINCT t.sha256 FROM `+fmt.Sprintf(s.d.statsByTime, "t")+` WHERE t.created_at >= ?),
-		mal AS (SELECT r.sha256, CASE WHEN d.verdict IS NULL THEN 'feed' ELSE 'analyst' END AS src
-			FROM recent r LEFT JOIN decisions d ON d.sha256 = r.sha256
-			WHERE d.verdict = 'malicious'
-			   OR (d.verdict IS NULL AND EXISTS (SELECT 1 FROM listed l WHERE l.sha256 = r.sha256 AND l.list = 'malicious')))
-		SELECT m.sha256, COUNT(*), MAX(st.last_seen), m.src FROM mal m JOIN stats st ON st.sha256 = m.sha256
-		GROUP BY m.sha256, m.src`, []any{since}, func(rows *sql.Rows) error {
+	err = s.query(ctx, `SELECT d.sha256, COUNT(*), MAX(st.last_seen),
+			CASE WHEN EXISTS (SELECT 1 FROM decisions x WHERE x.sha256 = d.sha256) THEN 'analyst' ELSE 'feed' END
+		FROM detections d JOIN stats st ON st.sha256 = d.sha256
+		WHERE d.last_report >= ? GROUP BY d.sha256`, []any{since}, func(rows *sql.Rows) error {
 		var (
 			dt   Detection
 			last int64
@@ -138,7 +138,10 @@ func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error
 		if a.Installations != b.Installations {
 			return b.Installations - a.Installations
 		}
-		return b.LastSeen.Compare(a.LastSeen)
+		if c := b.LastSeen.Compare(a.LastSeen); c != 0 {
+			return c
+		}
+		return strings.Compare(a.SHA256, b.SHA256)
 	})
 	o.DetectionsTotal = len(o.Detections)
 	o.Detections = o.Detections[:min(len(o.Detections), 20)]

@@ -16,6 +16,10 @@ import (
 // that two starting at once take turns ("cloudprotect" in ASCII, truncated).
 const migrationLockKey = 0x636c6f756470
 
+// summaryLockKey is the advisory lock of transactions that change the
+// summaries (see summary.go).
+const summaryLockKey = migrationLockKey + 1
+
 var postgresDialect = &dialect{
 	name: "postgres",
 	migrations: [][]string{{
@@ -94,15 +98,18 @@ var postgresDialect = &dialect{
 			expires_at BIGINT NOT NULL
 		)`,
 		`CREATE INDEX console_sessions_analyst ON console_sessions (analyst)`,
-	}},
+	}, summaryMigration("BIGINT", "BIGSERIAL PRIMARY KEY")},
 	lockMigrations: fmt.Sprintf("SELECT pg_advisory_xact_lock(%d)", migrationLockKey),
+	lockSummaries:  fmt.Sprintf("SELECT pg_advisory_xact_lock(%d)", summaryLockKey),
 	rebind:         rebindDollar,
-	upsertStats:    postgresUpsertStats,
 	ingest:         postgresIngest,
 	inHashes:       "%s = ANY(?::text[])",
 	hashTable:      "unnest(?::text[]) AS %s(sha256)",
+	inSeqs:         "%s = ANY(?::bigint[])",
 	statsByTime:    "stats AS %s",
+	statsBySHA:     "stats AS %s",
 	hashesArg:      func(h []string) any { return h },
+	seqsArg:        func(n []int64) any { return n },
 	columns:        postgresColumns,
 }
 
@@ -141,20 +148,12 @@ func rebindDollar(q string) string {
 	return b.String()
 }
 
-// postgresUpsertStats upserts all stats in one statement over arrays.
-func postgresUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time) error {
-	a := statArrays(stats)
-	if _, err := tx.ExecContext(ctx, PostgresUpsertSQL, id, now.Unix(), a.hashes, a.sizes, a.kinds, a.paths, a.pkg, a.malf, a.execs, a.loaded, a.first, a.last); err != nil {
-		return fmt.Errorf("upsert stats: %w", err)
-	}
-	return nil
-}
-
 // postgresIngest stores a batch in one statement, so one round trip: it
 // marks the installation active (locking its row, which a deletion waits
 // for), records the batch ID (a concurrent insert of the same ID waits
 // for this one and then inserts nothing) and, only if both did something,
-// upserts the stats.
+// records the batch as pending for the summaries and upserts the stats
+// with its sequence number.
 func postgresIngest(ctx context.Context, db *sql.DB, id, batchID string, stats []Stat, now time.Time) (ok, dup bool, err error) {
 	a := statArrays(stats)
 	var installations, batches int
@@ -167,10 +166,13 @@ func postgresIngest(ctx context.Context, db *sql.DB, id, batchID string, stats [
 			INSERT INTO batches (installation_id, batch_id, received_at, records)
 			SELECT id, $2, $4, $5 FROM inst
 			ON CONFLICT DO NOTHING RETURNING installation_id
+		), p AS (
+			INSERT INTO pending_batches (installation_id, received_at, records)
+			SELECT installation_id, $4, $5 FROM b RETURNING installation_id, seq
 		), s AS (
 			INSERT INTO stats
-			(installation_id, created_at, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen)
-			SELECT b.installation_id, $4, u.* FROM b, unnest($6::text[], $7::bigint[], $8::text[], $9::text[], $10::smallint[], $11::smallint[],
+			(installation_id, created_at, batch, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen)
+			SELECT p.installation_id, $4, p.seq, u.* FROM p, unnest($6::text[], $7::bigint[], $8::text[], $9::text[], $10::smallint[], $11::smallint[],
 				$12::bigint[], $13::smallint[], $14::bigint[], $15::bigint[]) AS u
 			`+upsertSet+`
 		)
@@ -217,10 +219,11 @@ const upsertSet = `ON CONFLICT (installation_id, sha256) DO UPDATE SET
 		first_seen = LEAST(stats.first_seen, excluded.first_seen),
 		last_seen = GREATEST(stats.last_seen, excluded.last_seen)`
 
-// PostgresUpsertSQL is the statement that stores a batch on PostgreSQL:
-// one multi-row upsert over arrays. Parameters: installation ID, time of
-// receipt, then one array per column. It is exported for the benchmark
-// that compares the server's ingest with the bare statement.
+// PostgresUpsertSQL is the bare multi-row upsert of a batch's stats over
+// arrays, as postgresIngest does it (which also records the batch).
+// Parameters: installation ID, time of receipt, then one array per
+// column. It is exported for the benchmark that compares the server's
+// ingest with the bare statement.
 const PostgresUpsertSQL = `INSERT INTO stats
 	(installation_id, created_at, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen)
 	SELECT $1, $2, u.* FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::smallint[], $8::smallint[],

@@ -18,11 +18,16 @@ type dialect struct {
 	migrations [][]string // statements per schema version, version = index+1
 	// lockMigrations runs first in the migration transaction.
 	lockMigrations string
-	rebind         func(string) string
-	upsertStats    func(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time) error
-	// ingest, when set, does all of Ingest in one statement (stats
-	// sorted by hash); ok reports whether the installation exists.
-	ingest func(ctx context.Context, db *sql.DB, id, batchID string, stats []Stat, now time.Time) (ok, duplicate bool, err error)
+	// lockSummaries runs first in every transaction that changes the
+	// summaries (see summary.go); empty where transactions that write
+	// are serialised anyway.
+	lockSummaries string
+	rebind        func(string) string
+	// upsertStats stores stats of a batch with sequence number batch, in
+	// tx; ingest, when set, does all of Ingest in one statement instead
+	// (stats sorted by hash); ok reports whether the installation exists.
+	upsertStats func(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time, batch int64) error
+	ingest      func(ctx context.Context, db *sql.DB, id, batchID string, stats []Stat, now time.Time) (ok, duplicate bool, err error)
 	// inHashes is a condition "column is one of the hashes" over one
 	// parameter, %s standing for the column; hashesArg makes the parameter.
 	inHashes  string
@@ -30,11 +35,18 @@ type dialect struct {
 	// hashTable is a table of one column, sha256, holding the hashes of
 	// one parameter (see hashesArg), %s standing for its alias.
 	hashTable string
+	// inSeqs is a condition "column is one of the numbers" over one
+	// parameter, %s standing for the column; seqsArg makes the parameter.
+	inSeqs  string
+	seqsArg func([]int64) any
 	// statsByTime names the stats table, %s standing for its alias, for a
 	// query that selects by created_at, with a hint to use its index where
 	// the planner needs one.
 	statsByTime string
-	columns     func(ctx context.Context, db *sql.DB) (map[string][]column, error)
+	// statsBySHA is the same for a query that selects by sha256 and
+	// orders by created_at.
+	statsBySHA string
+	columns    func(ctx context.Context, db *sql.DB) (map[string][]column, error)
 	// afterDelete runs after a deletion committed, to clear what the
 	// database keeps of deleted rows outside its tables.
 	afterDelete func(ctx context.Context, s *sqlStore) error
@@ -239,7 +251,18 @@ func (s *sqlStore) Ingest(ctx context.Context, installationID, batchID string, s
 		}
 		return true, nil
 	}
-	if err := s.d.upsertStats(ctx, tx, installationID, stats, now); err != nil {
+	// The batch waits to be counted in the summaries under its sequence
+	// number, which its new stats rows carry.
+	res, err = tx.ExecContext(ctx, s.d.rebind("INSERT INTO pending_batches (installation_id, received_at, records) VALUES (?, ?, ?)"),
+		installationID, now.Unix(), len(stats))
+	if err != nil {
+		return false, fmt.Errorf("ingest batch: record pending batch: %w", err)
+	}
+	seq, err := res.LastInsertId()
+	if err != nil {
+		return false, fmt.Errorf("ingest batch: %w", err)
+	}
+	if err := s.d.upsertStats(ctx, tx, installationID, stats, now, seq); err != nil {
 		return false, fmt.Errorf("ingest batch: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
@@ -254,6 +277,9 @@ func (s *sqlStore) DeleteInstallation(ctx context.Context, id string) (bool, err
 		return false, fmt.Errorf("delete installation: %w", err)
 	}
 	defer tx.Rollback()
+	if err := s.lockSummaries(ctx, tx); err != nil {
+		return false, fmt.Errorf("delete installation: %w", err)
+	}
 	// Deleting the installation row first waits for ingests holding it,
 	// and makes later ones fail with ErrUnknownInstallation.
 	res, err := tx.ExecContext(ctx, s.d.rebind("DELETE FROM installations WHERE id = ?"), id)
@@ -264,13 +290,21 @@ func (s *sqlStore) DeleteInstallation(ctx context.Context, id string) (bool, err
 	if err != nil {
 		return false, fmt.Errorf("delete installation: %w", err)
 	}
+	detected, err := s.forgetInstallation(ctx, tx, id)
+	if err != nil {
+		return false, fmt.Errorf("delete installation: %w", err)
+	}
 	for _, q := range []string{
 		"DELETE FROM stats WHERE installation_id = ?",
 		"DELETE FROM batches WHERE installation_id = ?",
+		"DELETE FROM pending_batches WHERE installation_id = ?",
 	} {
 		if _, err := tx.ExecContext(ctx, s.d.rebind(q), id); err != nil {
 			return false, fmt.Errorf("delete installation: %w", err)
 		}
+	}
+	if err := s.refreshDetections(ctx, tx, detected); err != nil {
+		return false, fmt.Errorf("delete installation: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
 		return false, fmt.Errorf("delete installation: commit: %w", err)
@@ -420,7 +454,15 @@ func (s *sqlStore) established(ctx context.Context, hashes []string, trust Trust
 
 // query runs q on the read pool and calls f for every row.
 func (s *sqlStore) query(ctx context.Context, q string, args []any, f func(*sql.Rows) error) error {
-	rows, err := s.read.QueryContext(ctx, s.d.rebind(q), args...)
+	return queryOn(ctx, s.read, s.d.rebind(q), args, f)
+}
+
+// queryOn runs q, with the dialect's placeholders, on db (a pool or a
+// transaction) and calls f for every row.
+func queryOn(ctx context.Context, db interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}, q string, args []any, f func(*sql.Rows) error) error {
+	rows, err := db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return err
 	}
@@ -472,6 +514,11 @@ func (s *sqlStore) ImportLists(ctx context.Context, feed string, lists map[strin
 		return nil, fmt.Errorf("import lists: %w", err)
 	}
 	defer tx.Rollback()
+	if err := s.lockSummaries(ctx, tx); err != nil {
+		return nil, fmt.Errorf("import lists: %w", err)
+	}
+	// Files whose malicious listing changed, for the detections.
+	var changed []string
 	names := make([]string, 0, len(lists))
 	for name := range lists {
 		names = append(names, name)
@@ -527,6 +574,11 @@ func (s *sqlStore) ImportLists(ctx context.Context, feed string, lists map[strin
 			}
 			count.Removed = len(gone)
 		}
+		if name == ListMalicious {
+			for _, h := range history {
+				changed = append(changed, h[0].(string))
+			}
+		}
 		if err := insertRows(ctx, tx, s.d.rebind, "listed", []string{"sha256", "list", "feed", "added_at"}, "ON CONFLICT DO NOTHING", added); err != nil {
 			return nil, fmt.Errorf("import lists: %s: %w", name, err)
 		}
@@ -534,6 +586,9 @@ func (s *sqlStore) ImportLists(ctx context.Context, feed string, lists map[strin
 			return nil, fmt.Errorf("import lists: %s: %w", name, err)
 		}
 		out[name] = count
+	}
+	if err := s.refreshDetections(ctx, tx, changed); err != nil {
+		return nil, fmt.Errorf("import lists: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
 		return nil, fmt.Errorf("import lists: commit: %w", err)
@@ -547,6 +602,9 @@ func (s *sqlStore) Decide(ctx context.Context, sha256, verdict, analyst, reason 
 		return fmt.Errorf("record decision: %w", err)
 	}
 	defer tx.Rollback()
+	if err := s.lockSummaries(ctx, tx); err != nil {
+		return fmt.Errorf("record decision: %w", err)
+	}
 	hist := verdict
 	if verdict == "" {
 		hist = VerdictCleared
@@ -564,6 +622,9 @@ func (s *sqlStore) Decide(ctx context.Context, sha256, verdict, analyst, reason 
 	if _, err := tx.ExecContext(ctx, s.d.rebind(`INSERT INTO verdict_history (sha256, verdict, source, actor, reason, at)
 		VALUES (?, ?, ?, ?, ?, ?)`), sha256, hist, SourceAnalyst, analyst, reason, now.Unix()); err != nil {
 		return fmt.Errorf("record decision: history: %w", err)
+	}
+	if err := s.refreshDetections(ctx, tx, []string{sha256}); err != nil {
+		return fmt.Errorf("record decision: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("record decision: commit: %w", err)

@@ -97,16 +97,22 @@ var sqliteDialect = &dialect{
 			expires_at INTEGER NOT NULL
 		) WITHOUT ROWID`,
 		`CREATE INDEX console_sessions_analyst ON console_sessions (analyst)`,
-	}},
+	}, summaryMigration("INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT")}, // AUTOINCREMENT: a sequence number is never used twice
 	rebind:      func(q string) string { return q },
 	upsertStats: sqliteUpsertStats,
 	inHashes:    "%s IN (SELECT value FROM json_each(?))",
 	hashTable:   "(SELECT value AS sha256 FROM json_each(?)) AS %s",
+	inSeqs:      "%s IN (SELECT value FROM json_each(?))",
 	// Without statistics (ANALYZE is not run: its stat4 samples would keep
 	// deleted hashes) SQLite prefers scanning the by-file index.
 	statsByTime: "stats AS %s INDEXED BY stats_created",
+	statsBySHA:  "stats AS %s INDEXED BY stats_sha256",
 	hashesArg: func(h []string) any {
 		b, _ := json.Marshal(h) // []string always marshals
+		return string(b)
+	},
+	seqsArg: func(n []int64) any {
+		b, _ := json.Marshal(n) // []int64 always marshals
 		return string(b)
 	},
 	afterDelete: sqliteAfterDelete,
@@ -154,10 +160,10 @@ func openSQLite(ctx context.Context, path string, log *slog.Logger) (*sqlStore, 
 	return s, nil
 }
 
-func sqliteUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time) error {
+func sqliteUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat, now time.Time, batch int64) error {
 	stmt, err := tx.PrepareContext(ctx, `INSERT INTO stats
-		(installation_id, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen, created_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		(installation_id, sha256, size, kind, path, package_managed, malformed, exec_count, loaded, first_seen, last_seen, created_at, batch)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 		ON CONFLICT (installation_id, sha256) DO UPDATE SET
 			size = excluded.size,
 			kind = excluded.kind,
@@ -174,7 +180,7 @@ func sqliteUpsertStats(ctx context.Context, tx *sql.Tx, id string, stats []Stat,
 	defer stmt.Close()
 	for _, st := range stats {
 		if _, err := stmt.ExecContext(ctx, id, st.SHA256, st.Size, st.Kind, st.Path, boolInt(st.PackageManaged),
-			boolInt(st.Malformed), st.ExecCount, boolInt(st.Loaded), st.FirstSeen.Unix(), st.LastSeen.Unix(), now.Unix()); err != nil {
+			boolInt(st.Malformed), st.ExecCount, boolInt(st.Loaded), st.FirstSeen.Unix(), st.LastSeen.Unix(), now.Unix(), batch); err != nil {
 			return fmt.Errorf("upsert stats: %w", err)
 		}
 	}

@@ -14,15 +14,22 @@
 //	batches          installation id, batch id, receipt time, records in it
 //	stats            installation id, file SHA-256, size, kind, path as sent
 //	                 (anonymised by the agent), package-managed, ELF-malformed
-//	                 flag, exec count, loaded flag, first/last seen, and when the
-//	                 server first stored the row
+//	                 flag, exec count, loaded flag, first/last seen, when the
+//	                 server first stored the row and the sequence number of
+//	                 that batch
 //	listed           file SHA-256, the list (malicious, untrusted, trusted), the
 //	                 feed that named it and when
 //	decisions        file SHA-256, an analyst's verdict, the analyst, the reason
 //	verdict_history  every change of a feed's or an analyst's verdict
 //	analysts         name, argon2id hash of the password
 //	console_sessions SHA-256 of the session cookie, analyst, CSRF token, expiry
+//	pending_batches  installation id, receipt time and records of batches
+//	                 not yet counted in the summaries
+//	hourly           records ingested and files first stored, per hour
+//	detections       file SHA-256 of reported files with a malicious verdict,
+//	                 when the last installation new to them reported them
 //
+// (see summary.go).
 // Interpreters and the other ELF facts are validated by the server but not
 // kept. Deleting an installation removes every row that names it, in one
 // transaction, and on SQLite overwrites the freed bytes (secure_delete)
@@ -181,7 +188,6 @@ type Overview struct {
 	// hours, oldest first; the last is the current hour.
 	RecordsPerHour []int64
 	NewFilesToday  int // files the cloud first stored today (UTC)
-	Files          int // files with at least one report
 	// Detections are files with a malicious verdict that installations
 	// reported, most installations first, at most 20.
 	Detections      []Detection
@@ -264,8 +270,13 @@ type Store interface {
 
 	// File returns what the console shows about one file.
 	File(ctx context.Context, sha256 string, trust Trust) (FileDetail, error)
-	// Overview returns the console's overview as of now.
+	// Overview returns the console's overview as of now, after counting
+	// the pending batches into the summaries (Summarize).
 	Overview(ctx context.Context, now time.Time) (Overview, error)
+	// Summarize counts the batches stored since it last ran into the
+	// summaries the overview reads, and deletes summaries older than a
+	// week (as of now). Any server may run it at any time.
+	Summarize(ctx context.Context, now time.Time) error
 	// RareFiles returns files the cloud first stored since since, reported
 	// by at most maxInstallations installations, newest first.
 	RareFiles(ctx context.Context, since time.Time, maxInstallations, limit int) ([]RareFile, error)
