@@ -133,6 +133,13 @@ func (s *ProcPoll) scan(seen map[procKey]exeID, self int, d *deliverer) {
 			continue
 		}
 		if ev, ok := procExe(int32(pid), now); ok {
+			// Remembered as the file reported: the process may have
+			// executed it since it was looked at above, and is not
+			// reported again for that.
+			var fst unix.Stat_t
+			if ev.FD >= 0 && unix.Fstat(ev.FD, &fst) == nil {
+				alive[k] = exeID{uint64(fst.Dev), fst.Ino}
+			}
 			d.add(ev)
 		}
 		// A kernel thread or a process we may not inspect has no

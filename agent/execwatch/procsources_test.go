@@ -213,3 +213,66 @@ func TestChoose(t *testing.T) {
 		unavailable(t, "running as root but the best source is %s", avail[0])
 	}
 }
+
+// A process looked at in the moment it executes a program (its
+// executable seen as the program before, the file opened as the one
+// after) is reported once: the file remembered is the one reported, so
+// the next scan, which sees the new program, does not report it again.
+// (Under load this reported the program twice.) The scan's view of /proc
+// is a fake one here, which a test can hold in that moment.
+func TestProcPollReportsAnExecOnce(t *testing.T) {
+	path := sleeper(t)
+	pid := startSleeping(t, path, time.Minute).Process.Pid
+	fake := filepath.Join(t.TempDir(), strconv.Itoa(pid))
+	if err := os.Mkdir(fake, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	stat := strconv.Itoa(pid) + " (cp-sleep) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0"
+	if err := os.WriteFile(filepath.Join(fake, "stat"), []byte(stat), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(fake, "exe")
+	if err := os.Symlink(self, exe); err != nil { // the program before the exec
+		t.Fatal(err)
+	}
+	s := NewProcPoll(Options{})
+	s.proc = filepath.Dir(fake)
+	out := make(chan []Event, 4)
+	d := &deliverer{out: out, max: 16, c: &s.c, log: s.log}
+	seen := make(map[procKey]exeID)
+	reported := func() (n int) {
+		d.flush()
+		for {
+			select {
+			case b := <-out:
+				for _, ev := range b {
+					if int(ev.PID) == pid {
+						n++
+					}
+					ev.Release()
+				}
+			default:
+				return n
+			}
+		}
+	}
+	s.scan(seen, os.Getpid(), d)
+	if n := reported(); n != 1 {
+		t.Fatalf("first scan reported the process %d times; want once", n)
+	}
+	// The scan's view catches up with the exec.
+	if err := os.Remove(exe); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(path, exe); err != nil {
+		t.Fatal(err)
+	}
+	s.scan(seen, os.Getpid(), d)
+	if n := reported(); n != 0 {
+		t.Errorf("the next scan reported the process %d more times; want none", n)
+	}
+}
