@@ -90,8 +90,13 @@ func (a *benchAgent) stop() {
 
 // cpu returns the agent's CPU time so far, to the nanosecond: the sum of
 // its threads' run time from /proc/PID/task/*/schedstat.
-func (a *benchAgent) cpu(tb testing.TB) time.Duration {
-	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", a.cmd.Process.Pid))
+func (a *benchAgent) cpu(tb testing.TB) time.Duration { return threadCPU(tb, a.cmd.Process.Pid) }
+
+// threadCPU returns a process's CPU time so far, to the nanosecond: the
+// sum of its threads' run time from /proc/PID/task/*/schedstat (the
+// clock ticks of /proc/PID/stat count in 10 ms steps).
+func threadCPU(tb testing.TB, pid int) time.Duration {
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
 	if err != nil || len(tasks) == 0 {
 		tb.Fatalf("read the agent's threads: %v", err)
 	}
