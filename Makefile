@@ -3,7 +3,7 @@
 GO       ?= go
 BIN      := bin
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS  := -s -w -X github.com/cloudprotect/cloudprotect/version.Version=$(VERSION)
+LDFLAGS  := -s -w -X github.com/cloudprotect/cloudprotect/cmd/internal/version.Version=$(VERSION)
 COMMANDS := cloudprotectd cloudprotect cloudprotect-tray cloudprotect-server
 PREFIX   ?= /usr/local
 FUZZTIME ?= 10s

@@ -27,12 +27,8 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/queue"
 	"github.com/cloudprotect/cloudprotect/agent/reputation"
 	"github.com/cloudprotect/cloudprotect/agent/upload"
-	"github.com/cloudprotect/cloudprotect/version"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
-
-// Version is the agent's version (package version, set at build time).
-var Version = version.Version
 
 // MemoryLimit is the soft memory limit cloudprotectd gives the Go runtime
 // (runtime/debug.SetMemoryLimit) unless GOMEMLIMIT says otherwise: the
@@ -53,6 +49,9 @@ const (
 type Config struct {
 	// Mode is ModeSystem (root, machine-wide) or ModeUser.
 	Mode string
+	// Version is the agent's release, reported in the status and to the
+	// cloud at registration ("dev" when unset).
+	Version string
 	// StateDir holds the consent record, the queue and the upload state.
 	StateDir string
 	// Socket is the local API's unix socket.
@@ -190,7 +189,7 @@ func New(cfg Config) (*Agent, error) {
 		Client:           cloud.ClientOptions{System: cfg.Mode == ModeSystem},
 		Allowed:          cm.Collecting,
 		StatementVersion: a.statementVersion,
-		AgentVersion:     Version,
+		AgentVersion:     a.version(),
 		EnrollSecret:     a.enrollSecret,
 		Logger:           cfg.Logger,
 		OnChange:         a.statusChanged,
@@ -251,7 +250,7 @@ func New(cfg Config) (*Agent, error) {
 func (a *Agent) Run(ctx context.Context) error {
 	defer a.ln.Close()
 	defer a.queue.Close()
-	a.log.Info("agent started", "version", Version, "mode", a.cfg.Mode, "socket", a.cfg.Socket,
+	a.log.Info("agent started", "version", a.version(), "mode", a.cfg.Mode, "socket", a.cfg.Socket,
 		"state_dir", a.cfg.StateDir, "participation", a.consent.View().State)
 	err := supervise(ctx, a.log,
 		service{"localapi", func(ctx context.Context) error {
@@ -399,6 +398,14 @@ func (a *Agent) AlertSummary(uid uint32, all bool) (int, *api.Alert) {
 	return a.alerts.Summary(uid, all)
 }
 
+// version is the agent's release as configured.
+func (a *Agent) version() string {
+	if a.cfg.Version == "" {
+		return "dev"
+	}
+	return a.cfg.Version
+}
+
 // statementVersion is the statement version sent with uploads: the one
 // the person accepted, or the current one when the policy decided.
 func (a *Agent) statementVersion() int {
@@ -438,7 +445,7 @@ func (a *Agent) Status() api.Status {
 			Notice:           v.Notice,
 		},
 		Agent: api.AgentInfo{
-			Version: Version,
+			Version: a.version(),
 			Mode:    a.cfg.Mode,
 			Started: a.started,
 		},

@@ -16,8 +16,8 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/safetext"
-	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
+	"github.com/cloudprotect/cloudprotect/tray/i18n"
 )
 
 // Agent is what the tray needs from the agent's local API; *localapi.Client

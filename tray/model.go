@@ -6,8 +6,8 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/safetext"
-	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
+	"github.com/cloudprotect/cloudprotect/tray/i18n"
 )
 
 // Title is the tray item's title, also its identity on the bus. It is the

@@ -8,8 +8,8 @@ import (
 	"golang.org/x/text/language"
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
-	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
+	"github.com/cloudprotect/cloudprotect/tray/i18n"
 )
 
 var (

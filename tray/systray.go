@@ -17,8 +17,8 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent/api"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/i18n"
 	"github.com/cloudprotect/cloudprotect/icons"
+	"github.com/cloudprotect/cloudprotect/tray/i18n"
 )
 
 // PanelIconSize is the size of the one image the tray gives the panel,

@@ -26,11 +26,11 @@ import (
 
 	"golang.org/x/term"
 
+	"github.com/cloudprotect/cloudprotect/cmd/internal/version"
 	"github.com/cloudprotect/cloudprotect/server"
 	"github.com/cloudprotect/cloudprotect/server/console"
 	"github.com/cloudprotect/cloudprotect/server/store"
 	"github.com/cloudprotect/cloudprotect/server/verdict"
-	"github.com/cloudprotect/cloudprotect/version"
 	"github.com/cloudprotect/cloudprotect/wire"
 )
 

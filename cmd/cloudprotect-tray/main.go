@@ -18,9 +18,9 @@ import (
 	"syscall"
 
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/i18n"
+	"github.com/cloudprotect/cloudprotect/cmd/internal/version"
 	"github.com/cloudprotect/cloudprotect/tray"
-	"github.com/cloudprotect/cloudprotect/version"
+	"github.com/cloudprotect/cloudprotect/tray/i18n"
 )
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }

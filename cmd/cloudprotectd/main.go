@@ -17,7 +17,7 @@ import (
 
 	"github.com/cloudprotect/cloudprotect/agent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/version"
+	"github.com/cloudprotect/cloudprotect/cmd/internal/version"
 )
 
 func main() {
@@ -53,6 +53,7 @@ func main() {
 		fail(errors.New("the system agent needs root"), "run it as a service (systemctl start cloudprotectd) or use cloudprotectd --user")
 	}
 	cfg := agent.DefaultConfig(mode)
+	cfg.Version = version.String()
 	cfg.Logger = log
 	cfg.ExecSource = *execSource
 	if *protectOnly != "" {

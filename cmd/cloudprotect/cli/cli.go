@@ -27,7 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
-	"github.com/cloudprotect/cloudprotect/i18n"
+	"github.com/cloudprotect/cloudprotect/tray/i18n"
 )
 
 // Env is what a run of the command sees of the world.

@@ -15,8 +15,8 @@ import (
 	"github.com/cloudprotect/cloudprotect/agent/consent"
 	"github.com/cloudprotect/cloudprotect/agent/localapi"
 	"github.com/cloudprotect/cloudprotect/agent/safetext"
-	"github.com/cloudprotect/cloudprotect/i18n"
-	"github.com/cloudprotect/cloudprotect/version"
+	"github.com/cloudprotect/cloudprotect/cmd/internal/version"
+	"github.com/cloudprotect/cloudprotect/tray/i18n"
 )
 
 func cmdStatus(ctx context.Context, r *runner, args []string) error {

@@ -22,7 +22,7 @@ import (
 
 const (
 	module  = "github.com/cloudprotect/cloudprotect"
-	keyPkg  = module + "/i18n"
+	keyPkg  = module + "/tray/i18n"
 	keyName = "Key"
 )
 
@@ -37,7 +37,7 @@ type use struct {
 // computed string is turned into a Key.
 func moduleKeys(t *testing.T) (uses []use, computed []string) {
 	t.Helper()
-	cfg := &packages.Config{Mode: packages.NeedName | packages.NeedImports | packages.NeedFiles, Dir: ".."}
+	cfg := &packages.Config{Mode: packages.NeedName | packages.NeedImports | packages.NeedFiles, Dir: "../.."}
 	all, err := packages.Load(cfg, module+"/...")
 	if err != nil {
 		t.Fatalf("list the module's packages: %v", err)

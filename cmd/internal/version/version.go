@@ -9,7 +9,7 @@ import (
 )
 
 // Version is the release, set at build time with
-// -ldflags '-X github.com/cloudprotect/cloudprotect/version.Version=1.2.0'.
+// -ldflags '-X github.com/cloudprotect/cloudprotect/cmd/internal/version.Version=1.2.0'.
 var Version = "0.1.0-dev"
 
 // String is Version, followed by the source revision when Go recorded one
