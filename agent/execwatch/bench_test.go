@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -220,4 +221,73 @@ func BenchmarkExecCPU(b *testing.B) {
 		b.ReportMetric(float64(events)/2, "events/s")
 		b.ReportMetric(loadAverage(), "loadavg")
 	})
+}
+
+// BenchmarkConnectorKernelCost measures what the process events connector
+// costs the programs that run, not the agent: while anyone listens, the
+// kernel builds and sends a message at each fork, exec, rename and exit,
+// in the context of the process concerned. This process forks, executes
+// and waits for the static program 5,000 times with no listener and with
+// the connector subscribed (and read, as the source reads it), alternating
+// five times; the figure is the CPU time of the children (the fork's
+// child, the exec and the exit) per execution, from
+// getrusage(RUSAGE_CHILDREN). The message at the fork is paid by the
+// parent and is not in it.
+func BenchmarkConnectorKernelCost(b *testing.B) {
+	bin, _ := benchSetup(b)
+	const n = 5000
+	run := func() float64 {
+		var r0, r1 unix.Rusage
+		if err := unix.Getrusage(unix.RUSAGE_CHILDREN, &r0); err != nil {
+			b.Fatal(err)
+		}
+		for range n {
+			pid, err := syscall.ForkExec(bin, []string{bin}, &syscall.ProcAttr{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			var ws syscall.WaitStatus
+			for {
+				if _, err := syscall.Wait4(pid, &ws, 0, nil); err != syscall.EINTR {
+					break
+				}
+			}
+		}
+		if err := unix.Getrusage(unix.RUSAGE_CHILDREN, &r1); err != nil {
+			b.Fatal(err)
+		}
+		cpu := func(r unix.Rusage) int64 { return r.Utime.Nano() + r.Stime.Nano() }
+		return float64(cpu(r1)-cpu(r0)) / 1e3 / n
+	}
+	var off, on []float64
+	for range 5 {
+		off = append(off, run())
+		c, err := dialConnector(context.Background(), orDiscard(nil), func(int32) {})
+		if err != nil {
+			b.Fatal(err)
+		}
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for {
+				if _, err := c.read(func(uint32, int32, int32) {}); err != nil && err != unix.ENOBUFS {
+					b.Errorf("read process events: %v", err)
+					return
+				}
+				select {
+				case <-stop:
+					return
+				case <-time.After(10 * time.Millisecond):
+				}
+			}
+		})
+		on = append(on, run())
+		close(stop)
+		wg.Wait()
+		c.close()
+	}
+	b.ReportMetric(median(off), "µs-cpu/exec-without")
+	b.ReportMetric(median(on), "µs-cpu/exec-with-connector")
+	b.ReportMetric(median(on)-median(off), "µs-cpu/exec-added")
+	b.ReportMetric(loadAverage(), "loadavg")
 }
