@@ -435,7 +435,26 @@ func (s *loadedState) handle(ev fsnotify.Event) {
 // reconcile watches each target folder, or its nearest existing parent
 // while it does not exist (or cannot be used, see Person). When scan is
 // set, files already in a folder that just appeared are examined.
+//
+// A folder created between the look for the nearest parent and the watch
+// on that parent raises no event there: `mkdir -p ~/.local/bin` does just
+// that. So after watching a parent, it looks again, until nothing changes.
 func (s *loadedState) reconcile(scan bool) {
+	for i := range 16 {
+		// A folder found on a second look appeared after the first.
+		if !s.reconcileOnce(scan || i > 0) {
+			return
+		}
+	}
+}
+
+// beforeWatchingParent, when set by a test, runs just before a parent of
+// a missing folder is watched.
+var beforeWatchingParent func(parent string)
+
+// reconcileOnce is one look; it reports whether it began to watch a
+// parent of a missing folder.
+func (s *loadedState) reconcileOnce(scan bool) (waiting bool) {
 	want := make(map[string]bool)
 	for t, per := range s.targets {
 		w := dirs.Nearest(t)
@@ -460,6 +479,9 @@ func (s *loadedState) reconcile(scan bool) {
 		if s.watched[p] {
 			continue
 		}
+		if s.targets[p] == nil && beforeWatchingParent != nil {
+			beforeWatchingParent(p)
+		}
 		if err := s.w.Add(p); err != nil {
 			s.l.log.Warn("cannot watch folder", "dir", p, "err", err)
 			continue
@@ -468,12 +490,14 @@ func (s *loadedState) reconcile(scan bool) {
 		per := s.targets[p]
 		if per == nil {
 			s.l.log.Debug("waiting for folder", "parent", p)
+			waiting = true
 			continue
 		}
 		if scan {
 			s.scan(per, p)
 		}
 	}
+	return waiting
 }
 
 // scan schedules the files already in a person's folder, listed through

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 )
@@ -98,6 +99,37 @@ func TestLoaded(t *testing.T) {
 				t.Fatalf("got %d events, want %d", len(got), tc.want)
 			}
 		})
+	}
+}
+
+// A missing folder created in the moment between the watcher's look for
+// its nearest parent and the watch on that parent (as `mkdir -p` may) is
+// found on the watcher's second look, so its programs are reported.
+func TestLoadedFolderCreatedWhileParentIsWatched(t *testing.T) {
+	home := t.TempDir()
+	bin := filepath.Join(home, ".local", "bin")
+	var once sync.Once
+	beforeWatchingParent = func(string) {
+		once.Do(func() {
+			if err := os.MkdirAll(bin, 0o755); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(func() { beforeWatchingParent = nil })
+	src := NewLoaded(LoadedOptions{Home: home, Quiet: 50 * time.Millisecond})
+	r := start(t, src)
+	dl := filepath.Join(home, "Downloads")
+	if err := os.Mkdir(dl, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	waitLoadedReady(t, r, dl)
+	path := filepath.Join(bin, "tool")
+	if err := os.WriteFile(path, scriptBytes, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.collect(t, 1, 5*time.Second, func(ev Event) bool { return ev.Path == path }); len(got) != 1 {
+		t.Fatalf("no event for %s: its folder appeared while the watcher began to watch its parent", path)
 	}
 }
 
