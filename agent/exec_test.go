@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -219,30 +220,16 @@ func TestLargeProgramEveryExecutionCounted(t *testing.T) {
 	}
 }
 
-// memfdExec runs the program at path from a memory file descriptor
-// (memfd_create, then execve of /proc/self/fd/N), as fileless malware
-// does, and waits for it.
+// memfdExec runs the program at path from a memory file descriptor and
+// waits for it.
 func memfdExec(t *testing.T, path string) int {
 	t.Helper()
-	b, err := os.ReadFile(path)
+	pid, err := spawn.FromMemory(path)
+	if errors.Is(err, spawn.ErrNoMemfd) {
+		testenv.Unavailable(t, "%v", err)
+	}
 	if err != nil {
 		t.Fatal(err)
-	}
-	fd, err := unix.MemfdCreate("cloudprotect-test", unix.MFD_CLOEXEC)
-	if err != nil {
-		testenv.Unavailable(t, "memfd_create: %v", err)
-	}
-	defer unix.Close(fd)
-	if _, err := unix.Write(fd, b); err != nil {
-		t.Fatal(err)
-	}
-	pid, err := syscall.ForkExec("/proc/self/fd/3", []string{"memfd-program"}, &syscall.ProcAttr{Files: []uintptr{0, 1, 2, uintptr(fd)}})
-	if err != nil {
-		t.Fatalf("exec from memory: %v", err)
-	}
-	var ws syscall.WaitStatus
-	if _, err := syscall.Wait4(pid, &ws, 0, nil); err != nil || ws.ExitStatus() != 0 {
-		t.Fatalf("program run from memory: %v, status %v", err, ws)
 	}
 	return pid
 }

@@ -223,19 +223,24 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 	}
 	buf := make([]byte, readBufSize)
 	win := adaptive{max: s.window}
-	read := func() error {
+	// read reads what the kernel reported and says how many events it
+	// read.
+	read := func() (int, error) {
 		now = time.Now()
+		got := 0
 		if conn != nil {
 			// The connector first: fanotify reports an exec when the file
 			// is opened, before the connector does, so the fanotify event
 			// of every KindProcess event read here is read just after.
-			if _, err := conn.read(func(what uint32, _, tgid int32) {
+			m, err := conn.read(func(what uint32, _, tgid int32) {
 				if what == procEventExec {
 					d.add(Event{FD: -1, PID: tgid, UID: UIDUnknown, Time: now, Kind: KindProcess})
 				}
-			}); err != nil {
+			})
+			got += m
+			if err != nil {
 				if !errors.Is(err, unix.ENOBUFS) {
-					return fmt.Errorf("read process events: %w", err)
+					return got, fmt.Errorf("read process events: %w", err)
 				}
 				s.c.lost.Add(1)
 				s.log.Warn("process events lost: receive buffer overflowed")
@@ -248,14 +253,59 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 		if conn != nil && empty && d.room() > 0 {
 			d.add(Event{FD: -1, Time: now, Kind: KindCheckpoint})
 		}
-		return nil
+		return got + n, nil
+	}
+	// drain delivers what the kernel reported up to now, waiting for the
+	// consumer, at a stop.
+	drain := func() error {
+		deadline := time.Now().Add(drainLimit)
+		for {
+			d.deliver()
+			if _, err := read(); err != nil {
+				d.discard()
+				return err
+			}
+			if !d.hasPending() || time.Now().After(deadline) {
+				break
+			}
+		}
+		d.deliver()
+		return ctx.Err()
 	}
 	// fanArmed says whether fanotify's descriptor waits to fire: not while
 	// the consumer is behind and the pending batch is full (the kernel
 	// keeps the events meanwhile).
 	fanArmed := true
+	// steady says events kept coming at the longest window: the next
+	// batch is then read when the window has passed, with no descriptor
+	// armed, so that a batch costs one wake-up (the timer's) instead of
+	// two (the descriptor's, then the timer's) and no epoll changes.
+	steady := false
 	for {
 		d.flush()
+		if steady {
+			cancelled := sleepCtx(ctx, win.max)
+			got, err := read()
+			if err != nil {
+				d.discard()
+				return err
+			}
+			if cancelled {
+				return drain()
+			}
+			if got > 0 {
+				continue
+			}
+			// The stream stopped: wait for the descriptors again.
+			steady = false
+			if conn != nil {
+				if err := rd.rearm(conn.fd); err != nil {
+					d.discard()
+					return err
+				}
+			}
+			continue
+		}
 		if !fanArmed && d.room() > 0 {
 			if err := rd.rearm(fd); err != nil {
 				d.discard()
@@ -287,12 +337,23 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 				}
 			}
 		}
+		w := win.window(time.Now())
 		if !cancelled && events {
-			cancelled = sleepCtx(ctx, win.window(time.Now()))
+			cancelled = sleepCtx(ctx, w)
 		}
-		if err := read(); err != nil {
+		got, err := read()
+		if err != nil {
 			d.discard()
 			return err
+		}
+		if cancelled {
+			return drain()
+		}
+		if events && got > 0 && w > 0 && w == win.max {
+			// Both descriptors are out of the epoll instance: they stay
+			// out while the stream lasts.
+			steady, fanArmed = true, false
+			continue
 		}
 		// Armed again only now: what arrived while the batch gathered
 		// was read above, without waking anyone. Fanotify's descriptor
@@ -302,23 +363,6 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 				d.discard()
 				return err
 			}
-		}
-		if cancelled {
-			// Deliver what the kernel reported up to now, waiting for the
-			// consumer, then stop.
-			deadline := time.Now().Add(drainLimit)
-			for {
-				d.deliver()
-				if err := read(); err != nil {
-					d.discard()
-					return err
-				}
-				if !d.hasPending() || time.Now().After(deadline) {
-					break
-				}
-			}
-			d.deliver()
-			return ctx.Err()
 		}
 	}
 }

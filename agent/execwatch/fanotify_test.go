@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudprotect/cloudprotect/agent/internal/spawn"
 	"golang.org/x/sys/unix"
 )
 
@@ -64,6 +65,48 @@ func TestFanotifyReportsEachExec(t *testing.T) {
 	}
 	if s := r.src.Stats(); s.Lost != 0 {
 		t.Errorf("lost %d events", s.Lost)
+	}
+}
+
+// After a steady stream, which the source reads at each window with its
+// descriptors out of the epoll instance, both descriptors wait again once
+// the stream stops: a program run later is reported, and so is one run
+// from memory, which only the process events connector reports (with
+// fanotify's descriptor alone armed again, nothing would wake the source
+// for it).
+func TestFanotifyWaitsAgainAfterASteadyStream(t *testing.T) {
+	requireFanotify(t)
+	bin := tinyProgram(t, t.TempDir())
+	st := statPath(t, bin)
+	r := start(t, NewFanotify(Options{BatchWindow: 50 * time.Millisecond}))
+	waitForFirst(t, r, bin, st)
+
+	// A stream of executions for 600 ms: twelve windows with events.
+	n := 0
+	for end := time.Now().Add(600 * time.Millisecond); time.Now().Before(end); n++ {
+		runN(t, bin, 1)
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := r.collect(t, n, 10*time.Second, func(ev Event) bool { return sameFile(ev, st) }); len(got) != n {
+		t.Fatalf("got %d events of the stream, want %d", len(got), n)
+	}
+	r.quiet(t, 300*time.Millisecond, func(Event) bool { return false }) // the stream stops
+
+	pid := runN(t, bin, 1)[0]
+	if got := r.collect(t, 1, 2*time.Second, func(ev Event) bool { return sameFile(ev, st) && int(ev.PID) == pid }); len(got) != 1 {
+		t.Fatal("a program run after the stream stopped was not reported")
+	}
+	r.quiet(t, 300*time.Millisecond, func(Event) bool { return false })
+
+	mpid, err := spawn.FromMemory(bin)
+	if errors.Is(err, spawn.ErrNoMemfd) {
+		unavailable(t, "%v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.collect(t, 1, 2*time.Second, func(ev Event) bool { return ev.Kind == KindProcess && int(ev.PID) == mpid }); len(got) != 1 {
+		t.Fatal("the connector's event for a program run from memory after the stream was not reported")
 	}
 }
 
