@@ -70,7 +70,7 @@ type pipeline struct {
 	notices []int32
 	// programs counts, per process, the executed programs (not loaders)
 	// that fanotify reported and no connector event has claimed yet.
-	programs  map[int32]*progCount
+	programs  map[int32]progCount
 	lastPrune time.Time
 	// marked holds the devices whose filesystem the source was asked to
 	// watch after a miss.
@@ -145,7 +145,7 @@ func newPipeline(d collectorDeps) *pipeline {
 		results:       make(chan jobResult, maxWaiting),
 		waiting:       make(map[identify.Key]*tally),
 		batch:         make(map[string]*tally),
-		programs:      make(map[int32]*progCount),
+		programs:      make(map[int32]progCount),
 		marked:        make(map[uint64]bool),
 		loaders:       make(map[string]*loader),
 		interps:       make(map[string]string),
@@ -556,12 +556,7 @@ func procUID(pid int32) (uint32, bool) {
 // sawProgram notes that fanotify reported a program executed by pid.
 func (p *pipeline) sawProgram(pid int32, at time.Time) {
 	c := p.programs[pid]
-	if c == nil {
-		c = &progCount{}
-		p.programs[pid] = c
-	}
-	c.n++
-	c.at = at
+	p.programs[pid] = progCount{n: c.n + 1, at: at}
 }
 
 // judge matches the connector's events with the programs fanotify
@@ -570,10 +565,11 @@ func (p *pipeline) sawProgram(pid int32, at time.Time) {
 // through /proc/PID/exe, or counted as missed when the process is gone.
 func (p *pipeline) judge() {
 	for _, pid := range p.notices {
-		if c := p.programs[pid]; c != nil && c.n > 0 {
-			c.n--
-			if c.n == 0 {
+		if c := p.programs[pid]; c.n > 0 {
+			if c.n--; c.n == 0 {
 				delete(p.programs, pid)
+			} else {
+				p.programs[pid] = c
 			}
 			continue
 		}

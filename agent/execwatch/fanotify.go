@@ -283,63 +283,48 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 	steady := false
 	for {
 		d.flush()
+		// events says the descriptors are out of the epoll instance for
+		// a batch; w is the window it gathered for.
+		events, cancelled, w := steady, false, win.max
 		if steady {
-			cancelled := sleepCtx(ctx, win.max)
-			got, err := read()
+			cancelled = sleepCtx(ctx, w)
+		} else {
+			if !fanArmed && d.room() > 0 {
+				if err := rd.rearm(fd); err != nil {
+					d.discard()
+					return err
+				}
+				fanArmed = true
+			}
+			timeout := time.Duration(-1)
+			if d.hasPending() {
+				timeout = retryDelay(s.window)
+			}
+			fired, c, err := rd.wait(ctx, timeout)
 			if err != nil {
 				d.discard()
 				return err
 			}
-			if cancelled {
-				return drain()
+			cancelled = c
+			for _, f := range fired {
+				events = events || int(f) == fd || (conn != nil && int(f) == conn.fd)
 			}
-			if got > 0 {
-				continue
-			}
-			// The stream stopped: wait for the descriptors again.
-			steady = false
-			if conn != nil {
-				if err := rd.rearm(conn.fd); err != nil {
-					d.discard()
-					return err
+			if events {
+				// Nothing wakes anyone while the batch gathers and is
+				// read: what fired is disarmed by the kernel, the rest
+				// here.
+				fanArmed = false
+				for _, x := range armedFDs {
+					if err := rd.disarm(x); err != nil {
+						d.discard()
+						return err
+					}
 				}
 			}
-			continue
-		}
-		if !fanArmed && d.room() > 0 {
-			if err := rd.rearm(fd); err != nil {
-				d.discard()
-				return err
+			w = win.window(time.Now())
+			if !cancelled && events {
+				cancelled = sleepCtx(ctx, w)
 			}
-			fanArmed = true
-		}
-		timeout := time.Duration(-1)
-		if d.hasPending() {
-			timeout = retryDelay(s.window)
-		}
-		fired, cancelled, err := rd.wait(ctx, timeout)
-		if err != nil {
-			d.discard()
-			return err
-		}
-		events := false
-		for _, f := range fired {
-			events = events || int(f) == fd || (conn != nil && int(f) == conn.fd)
-		}
-		if events {
-			// Nothing wakes anyone while the batch gathers and is read:
-			// what fired is disarmed by the kernel, the rest here.
-			fanArmed = false
-			for _, x := range armedFDs {
-				if err := rd.disarm(x); err != nil {
-					d.discard()
-					return err
-				}
-			}
-		}
-		w := win.window(time.Now())
-		if !cancelled && events {
-			cancelled = sleepCtx(ctx, w)
 		}
 		got, err := read()
 		if err != nil {
@@ -349,10 +334,10 @@ func (s *Fanotify) Serve(ctx context.Context, out chan<- []Event) error {
 		if cancelled {
 			return drain()
 		}
-		if events && got > 0 && w > 0 && w == win.max {
-			// Both descriptors are out of the epoll instance: they stay
-			// out while the stream lasts.
-			steady, fanArmed = true, false
+		// While the stream lasts at the longest window, the descriptors
+		// stay out of the epoll instance.
+		steady = events && got > 0 && w > 0 && w == win.max
+		if steady {
 			continue
 		}
 		// Armed again only now: what arrived while the batch gathered

@@ -26,9 +26,10 @@ import (
 const (
 	DefaultInterval       = 15 * time.Minute
 	DefaultNudgeThreshold = 1000
-	DefaultMinBackoff     = 30 * time.Second
-	DefaultMaxBackoff     = 30 * time.Minute
-	DefaultMaxRetryAfter  = time.Hour
+	// The backoff after failures is the installation's.
+	DefaultMinBackoff    = cloud.DefaultMinBackoff
+	DefaultMaxBackoff    = cloud.DefaultMaxBackoff
+	DefaultMaxRetryAfter = cloud.DefaultMaxRetryAfter
 	// maxBatchesPerCycle bounds one drain of the queue.
 	maxBatchesPerCycle = 100
 )

@@ -116,10 +116,18 @@ func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error
 	// new to them reported recently. An analyst's decision overrides the
 	// feeds either way.
 	since := now.Add(-detectionWindow).Unix()
-	err = s.query(ctx, `SELECT d.sha256, COUNT(*), MAX(st.last_seen),
+	err = s.finishOverview(ctx, &o, `SELECT d.sha256, COUNT(*), MAX(st.last_seen),
 			CASE WHEN EXISTS (SELECT 1 FROM decisions x WHERE x.sha256 = d.sha256) THEN 'analyst' ELSE 'feed' END
 		FROM detections d JOIN stats st ON st.sha256 = d.sha256
-		WHERE d.last_report >= ? GROUP BY d.sha256`, []any{since}, func(rows *sql.Rows) error {
+		WHERE d.last_report >= ? GROUP BY d.sha256`, since)
+	return o, err
+}
+
+// finishOverview fills the overview's detections from a query of them
+// (SHA-256, installations, last seen, verdict source), the most
+// widespread first, and its recent verdict changes.
+func (s *sqlStore) finishOverview(ctx context.Context, o *Overview, detections string, args ...any) error {
+	err := s.query(ctx, detections, args, func(rows *sql.Rows) error {
 		var (
 			dt   Detection
 			last int64
@@ -132,7 +140,7 @@ func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error
 		return nil
 	})
 	if err != nil {
-		return o, fmt.Errorf("read overview: detections: %w", err)
+		return fmt.Errorf("read overview: detections: %w", err)
 	}
 	slices.SortFunc(o.Detections, func(a, b Detection) int {
 		if a.Installations != b.Installations {
@@ -147,9 +155,9 @@ func (s *sqlStore) Overview(ctx context.Context, now time.Time) (Overview, error
 	o.Detections = o.Detections[:min(len(o.Detections), 20)]
 	o.RecentChanges, err = s.changes(ctx, "", nil, 10)
 	if err != nil {
-		return o, fmt.Errorf("read overview: %w", err)
+		return fmt.Errorf("read overview: %w", err)
 	}
-	return o, nil
+	return nil
 }
 
 // rareScan is how many recent reports RareFiles reads at a time.

@@ -4,8 +4,6 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
-	"slices"
-	"strings"
 	"time"
 )
 
@@ -58,43 +56,14 @@ func (s *sqlStore) overviewFromRows(ctx context.Context, now time.Time) (Overvie
 	since := now.Add(-detectionWindow).Unix()
 	// The recent files are filtered to the malicious ones before their
 	// reports are counted: most recent files are common programs.
-	err = s.query(ctx, `WITH recent AS (SELECT DISTINCT t.sha256 FROM `+fmt.Sprintf(s.d.statsByTime, "t")+` WHERE t.created_at >= ?),
+	err = s.finishOverview(ctx, &o, `WITH recent AS (SELECT DISTINCT t.sha256 FROM `+fmt.Sprintf(s.d.statsByTime, "t")+` WHERE t.created_at >= ?),
 		mal AS (SELECT r.sha256, CASE WHEN d.verdict IS NULL THEN 'feed' ELSE 'analyst' END AS src
 			FROM recent r LEFT JOIN decisions d ON d.sha256 = r.sha256
 			WHERE d.verdict = 'malicious'
 			   OR (d.verdict IS NULL AND EXISTS (SELECT 1 FROM listed l WHERE l.sha256 = r.sha256 AND l.list = 'malicious')))
 		SELECT m.sha256, COUNT(*), MAX(st.last_seen), m.src FROM mal m JOIN stats st ON st.sha256 = m.sha256
-		GROUP BY m.sha256, m.src`, []any{since}, func(rows *sql.Rows) error {
-		var (
-			dt   Detection
-			last int64
-		)
-		if err := rows.Scan(&dt.SHA256, &dt.Installations, &last, &dt.Source); err != nil {
-			return err
-		}
-		dt.LastSeen = unix(last)
-		o.Detections = append(o.Detections, dt)
-		return nil
-	})
-	if err != nil {
-		return o, fmt.Errorf("read overview: detections: %w", err)
-	}
-	slices.SortFunc(o.Detections, func(a, b Detection) int {
-		if a.Installations != b.Installations {
-			return b.Installations - a.Installations
-		}
-		if c := b.LastSeen.Compare(a.LastSeen); c != 0 {
-			return c
-		}
-		return strings.Compare(a.SHA256, b.SHA256)
-	})
-	o.DetectionsTotal = len(o.Detections)
-	o.Detections = o.Detections[:min(len(o.Detections), 20)]
-	o.RecentChanges, err = s.changes(ctx, "", nil, 10)
-	if err != nil {
-		return o, fmt.Errorf("read overview: %w", err)
-	}
-	return o, nil
+		GROUP BY m.sha256, m.src`, since)
+	return o, err
 }
 
 // Downgrade takes the database back to the schema before the summaries

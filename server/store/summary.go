@@ -233,14 +233,7 @@ func (s *sqlStore) summarizeChunk(ctx context.Context, now time.Time) (more bool
 			(SELECT o.created_at FROM `+fmt.Sprintf(s.d.statsBySHA, "o")+` WHERE o.sha256 = c.sha256
 				AND (`+fmt.Sprintf(s.d.inSeqs, "o.batch")+` OR `+notPending+`)
 				ORDER BY o.created_at LIMIT 1) AS new
-			FROM `+fmt.Sprintf(s.d.hashTable, "c")+`) AS x`), []any{seqArg, s.d.hashesArg(chunk)}, func(rows *sql.Rows) error {
-			var old, nw sql.NullInt64
-			if err := rows.Scan(&old, &nw); err != nil {
-				return err
-			}
-			moveFirstReport(deltas, old, nw)
-			return nil
-		})
+			FROM `+fmt.Sprintf(s.d.hashTable, "c")+`) AS x`), []any{seqArg, s.d.hashesArg(chunk)}, deltas.moveFirstReports)
 		if err != nil {
 			return false, fmt.Errorf("count new files: %w", err)
 		}
@@ -263,12 +256,16 @@ func (s *sqlStore) summarizeChunk(ctx context.Context, now time.Time) (more bool
 	return more, nil
 }
 
-// moveFirstReport records that a file's earliest counted report moved
-// from old to nw (either may be absent): the file is new in nw's hour
-// instead of old's.
-func moveFirstReport(d hourDeltas, old, nw sql.NullInt64) {
+// moveFirstReports reads rows of a file's old and new earliest counted
+// report (either may be absent) and records that the file is new in the
+// new one's hour instead of the old one's.
+func (d hourDeltas) moveFirstReports(rows *sql.Rows) error {
+	var old, nw sql.NullInt64
+	if err := rows.Scan(&old, &nw); err != nil {
+		return err
+	}
 	if old.Valid && nw.Valid && hourOf(old.Int64) == hourOf(nw.Int64) {
-		return
+		return nil
 	}
 	if old.Valid {
 		d.add(hourOf(old.Int64), 0, -1)
@@ -276,6 +273,7 @@ func moveFirstReport(d hourDeltas, old, nw sql.NullInt64) {
 	if nw.Valid {
 		d.add(hourOf(nw.Int64), 0, 1)
 	}
+	return nil
 }
 
 // upsertDetections adds or updates the detections of those of hashes
@@ -360,14 +358,7 @@ func (s *sqlStore) forgetInstallation(ctx context.Context, tx *sql.Tx, id string
 			(SELECT o.created_at FROM `+fmt.Sprintf(s.d.statsBySHA, "o")+` WHERE o.sha256 = s.sha256 AND o.installation_id <> ? AND `+notPending+`
 				ORDER BY o.created_at LIMIT 1) AS new
 			FROM stats s WHERE s.installation_id = ? AND NOT EXISTS (SELECT 1 FROM pending_batches q WHERE q.seq = s.batch)) AS x
-		WHERE x.own = x.old`), []any{id, id}, func(rows *sql.Rows) error {
-		var old, nw sql.NullInt64
-		if err := rows.Scan(&old, &nw); err != nil {
-			return err
-		}
-		moveFirstReport(deltas, old, nw)
-		return nil
-	})
+		WHERE x.own = x.old`), []any{id, id}, deltas.moveFirstReports)
 	if err != nil {
 		return nil, fmt.Errorf("count new files: %w", err)
 	}
